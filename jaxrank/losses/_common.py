@@ -1,0 +1,146 @@
+"""Input handling shared by the ranking losses (internal)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def smoothed_step(x, delta: float):
+  """``H_δ(x) = clip(x / 2δ + 1/2, 0, 1)``; the unit step ``1[x >= 0]`` when ``δ = 0``."""
+  if delta == 0:
+    return (x >= 0).astype(jnp.float32)
+  return jnp.clip(x / (2.0 * delta) + 0.5, 0.0, 1.0)
+
+
+def check_delta(delta, *, allow_zero: bool) -> float:
+  if not isinstance(delta, (int, float, np.floating, np.integer)):
+    raise TypeError(f"delta must be a Python number (it is static under jit), got {type(delta).__name__}")
+  delta = float(delta)
+  if not np.isfinite(delta) or delta < 0 or (delta == 0 and not allow_zero):
+    allowed = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"delta must be {allowed}, got {delta}")
+  return delta
+
+
+def _concrete(x):
+  """``x`` as a NumPy array if it is concrete (not traced), else None."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+class Flat(NamedTuple):
+  """Flattened float32 inputs and masks."""
+  logits: Array     # [N] float32
+  targets: Array    # [N] float32
+  positive: Array   # [N] bool
+  negative: Array   # [N] bool
+  finite: Array     # [] bool: every non-ignored logit is finite
+
+
+def flatten(logits, targets, where, *, name: str, extra=None) -> Flat:
+  """Checks shapes and flattens ``logits``/``targets``/``where`` to float32 vectors.
+
+  Entries with ``targets < 0`` (the published ``-1``), NaN targets or ``where == False`` are
+  ignored; ``targets > 0`` are positives, ``targets == 0`` negatives.
+  """
+  logits = jnp.asarray(logits)
+  targets = jnp.asarray(targets)
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise TypeError(f"{name}: logits must be floating point, got {logits.dtype}")
+  if logits.shape != targets.shape:
+    raise ValueError(f"{name}: logits and targets must have the same shape, got {logits.shape} and {targets.shape}")
+  if logits.size == 0:
+    raise ValueError(f"{name}: logits are empty")
+  for arr_name, arr in (extra or {}).items():
+    if jnp.shape(arr) != logits.shape:
+      raise ValueError(f"{name}: {arr_name} must have the shape of logits {logits.shape}, got {jnp.shape(arr)}")
+  concrete_targets = _concrete(targets)
+  if concrete_targets is not None and np.isnan(concrete_targets.astype(np.float32)).any():
+    raise ValueError(f"{name}: targets contain NaN; use -1 (or where=False) to ignore an entry")
+  s = logits.astype(jnp.float32).reshape(-1)
+  y = targets.astype(jnp.float32).reshape(-1)
+  valid = y >= 0  # False for -1 and NaN
+  if where is not None:
+    where = jnp.asarray(where)
+    try:
+      where = jnp.broadcast_to(where, logits.shape)
+    except ValueError as e:
+      raise ValueError(f"{name}: where of shape {where.shape} does not broadcast to logits {logits.shape}") from e
+    valid = valid & where.astype(bool).reshape(-1)
+  positive = valid & (y > 0)
+  negative = valid & (y == 0)
+  finite = jnp.all(jnp.isfinite(s) | ~valid)
+  return Flat(s, y, positive, negative, finite)
+
+
+def resolve_max_positives(max_positives, targets, *, name: str) -> int:
+  """The static number of positive slots.
+
+  Given explicitly it is used as is. Otherwise, for concrete targets it is the number of
+  positives rounded up to a power of two (a few compilations at most); for traced targets it
+  is the number of entries, which is always enough but makes the O(P log P) parts cost
+  O(N log N): pass ``max_positives`` in training steps.
+  """
+  if max_positives is not None:
+    if int(max_positives) < 1:
+      raise ValueError(f"{name}: max_positives must be >= 1, got {max_positives}")
+    count = None
+    concrete_targets = _concrete(targets)
+    if concrete_targets is not None:
+      count = int(np.sum(concrete_targets.astype(np.float32) > 0))
+      if count > int(max_positives):
+        raise ValueError(f"{name}: {count} positives exceed max_positives={int(max_positives)}")
+    return int(max_positives)
+  size = int(np.prod(jnp.shape(targets)))
+  concrete_targets = _concrete(targets)
+  if concrete_targets is None:
+    return size
+  count = int(np.sum(concrete_targets.astype(np.float32) > 0))
+  return min(size, 1 << max(3, (max(count, 1) - 1).bit_length()))
+
+
+class Positives(NamedTuple):
+  """Positives gathered into a static number of slots, sorted by ascending logit.
+
+  Padding slots come last and repeat the largest positive logit, so that sorted order and
+  thresholds are unaffected; their ``mask`` is False.
+  """
+  index: Array     # [P] int32 position in the flat input (0 for padding)
+  logits: Array    # [P] float32, ascending
+  targets: Array   # [P] float32 (0 for padding)
+  mask: Array      # [P] bool
+  count: Array     # [] int32 number of positives
+  overflow: Array  # [] bool: more positives than slots
+
+
+def gather_positives(flat: Flat, max_positives: int) -> Positives:
+  count = jnp.sum(flat.positive, dtype=jnp.int32)
+  (index,) = jnp.nonzero(flat.positive, size=max_positives, fill_value=0)
+  index = index.astype(jnp.int32)
+  slot = jnp.arange(max_positives, dtype=jnp.int32)
+  mask = slot < count
+  s = jnp.where(mask, flat.logits[index], jnp.inf)
+  order = jnp.argsort(s, stable=True)
+  index, mask = index[order], mask[order]
+  s = s[order]
+  top = jnp.max(jnp.where(mask, s, -jnp.inf))
+  s = jnp.where(mask, s, jnp.where(count > 0, top, 0.0))
+  y = jnp.where(mask, flat.targets[index], 0.0)
+  return Positives(index, s, y, mask, count, count > max_positives)
+
+
+def finish(values, grad, flat: Flat, pos: Positives):
+  """Zero for no positives; NaN for non-finite logits or positive overflow."""
+  bad = (~flat.finite) | pos.overflow
+  empty = pos.count == 0
+  values = tuple(jnp.where(bad, jnp.nan, jnp.where(empty, 0.0, v)) for v in values)
+  grad = jnp.where(bad, jnp.nan, jnp.where(empty, 0.0, grad))
+  return values, grad
