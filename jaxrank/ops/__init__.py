@@ -1,0 +1,27 @@
+"""Box operations: geometry, coding, anchors, assignment, targets and post-processing.
+
+Everything is jit-able with static shapes and works on one image at a time where noted
+(``jax.vmap`` over a batch).
+"""
+
+from jaxrank.ops.anchors import (base_anchors, feature_map_sizes, generate_anchors,
+                                 num_anchors_per_level, num_anchors_per_location)
+from jaxrank.ops.assigners import Assignment, atss_assign, max_iou_assign
+from jaxrank.ops.boxes import (aligned_giou, aligned_iou, aligned_iou_giou, box_area,
+                               box_centers, box_cxcywh_to_xyxy, box_xywh_to_xyxy,
+                               box_xyxy_to_cxcywh, box_xyxy_to_xywh, check_boxes, clip_boxes,
+                               pairwise_giou, pairwise_iou, pairwise_iou_giou, valid_boxes)
+from jaxrank.ops.coding import decode_boxes, encode_boxes
+from jaxrank.ops.postprocess import Detections, batched_nms, nms, postprocess_detections
+from jaxrank.ops.targets import box_targets, classification_targets
+
+__all__ = [
+    "Assignment", "Detections", "aligned_giou", "aligned_iou", "aligned_iou_giou",
+    "atss_assign", "base_anchors", "batched_nms", "box_area", "box_centers",
+    "box_cxcywh_to_xyxy", "box_targets", "box_xywh_to_xyxy", "box_xyxy_to_cxcywh",
+    "box_xyxy_to_xywh", "check_boxes", "classification_targets", "clip_boxes",
+    "decode_boxes", "encode_boxes", "feature_map_sizes", "generate_anchors",
+    "max_iou_assign", "nms", "num_anchors_per_level", "num_anchors_per_location",
+    "pairwise_giou", "pairwise_iou", "pairwise_iou_giou", "postprocess_detections",
+    "valid_boxes",
+]

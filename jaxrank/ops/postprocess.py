@@ -1,0 +1,140 @@
+"""Jit-able greedy NMS and RetinaNet-style detection post-processing for ONE image.
+
+Shapes are static: NMS walks the score-sorted candidates with a ``lax.while_loop``
+(computing one IoU row per kept box, so memory is ``O(K)``) and stops after
+``max_output`` boxes are kept; outputs are padded to ``max_output`` with a ``valid`` mask.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxrank.ops.boxes import aligned_iou, check_boxes
+
+
+class Detections(NamedTuple):
+  """Padded detections of one image: ``boxes [D, 4]`` xyxy, ``scores [D]``,
+  ``classes int32 [D]`` and ``valid bool [D]``; padded slots hold zeros."""
+  boxes: jax.Array
+  scores: jax.Array
+  classes: jax.Array
+  valid: jax.Array
+
+
+def batched_nms(boxes, scores, classes, *, iou_threshold: float = 0.5, max_output: int,
+                mask=None):
+  """Class-wise greedy NMS (boxes of different classes never suppress each other).
+
+  Boxes are visited by decreasing score (stable for ties); a visited box is kept unless an
+  earlier kept box of the same class has IoU ``> iou_threshold`` with it (torchvision /
+  mmdet convention). Boxes with ``mask`` False are never kept.
+
+  Args:
+    boxes: ``[N, 4]`` xyxy. scores: ``[N]``. classes: ``int [N]`` or None.
+    max_output: static number of output slots.
+    mask: optional ``bool [N]``.
+
+  Returns:
+    ``(indices int32 [max_output], valid bool [max_output])``: indices into the inputs of
+    the kept boxes by decreasing score; padded slots hold index 0 and ``valid`` False.
+  """
+  boxes = check_boxes(boxes)
+  scores = jnp.asarray(scores, jnp.float32)
+  n = boxes.shape[0]
+  if boxes.ndim != 2 or scores.shape != (n,):
+    raise ValueError(f"boxes must be [N, 4] and scores [N], got {boxes.shape}, {scores.shape}.")
+  classes = (jnp.zeros((n,), jnp.int32) if classes is None
+             else jnp.asarray(classes, jnp.int32))
+  mask = jnp.ones((n,), bool) if mask is None else jnp.asarray(mask, bool)
+  if classes.shape != (n,) or mask.shape != (n,):
+    raise ValueError(f"classes and mask must be [N]=({n},), got {classes.shape}, {mask.shape}.")
+  max_output = int(max_output)
+  if n == 0 or max_output <= 0:
+    return jnp.zeros((max(max_output, 0),), jnp.int32), jnp.zeros((max(max_output, 0),), bool)
+
+  order = jnp.argsort(jnp.where(mask, -scores, jnp.inf), stable=True)
+  boxes, classes, active = boxes[order], classes[order], mask[order]
+  positions = jnp.arange(n)
+
+  def cond(state):
+    i, count, _, _ = state
+    return (i < n) & (count < max_output)
+
+  def body(state):
+    i, count, active, kept = state
+    kept = kept.at[count].set(i)
+    iou = aligned_iou(boxes[i], boxes)
+    suppress = (iou > iou_threshold) & (classes == classes[i])
+    active = active & ~suppress & (positions > i)
+    nxt = jnp.where(jnp.any(active), jnp.argmax(active), n).astype(jnp.int32)
+    return nxt, count + 1, active, kept
+
+  first = jnp.where(jnp.any(active), jnp.argmax(active), n)
+  init = (first.astype(jnp.int32), jnp.int32(0), active, jnp.zeros((max_output,), jnp.int32))
+  _, count, _, kept = jax.lax.while_loop(cond, body, init)
+  valid = jnp.arange(max_output) < count
+  return jnp.where(valid, order[kept], 0).astype(jnp.int32), valid
+
+
+def nms(boxes, scores, *, iou_threshold: float = 0.5, max_output: int, mask=None):
+  """Plain greedy NMS over all boxes; see :func:`batched_nms` for the convention."""
+  return batched_nms(boxes, scores, None, iou_threshold=iou_threshold,
+                     max_output=max_output, mask=mask)
+
+
+def postprocess_detections(class_logits, boxes, *,
+                           num_anchors_per_level: Optional[Sequence[int]] = None,
+                           score_threshold: float = 0.05, pre_nms_top_k: int = 1000,
+                           iou_threshold: float = 0.5,
+                           max_detections: int = 100) -> Detections:
+  """RetinaNet test-time post-processing (mmdet >= 2.18 ``filter_scores_and_topk``).
+
+  Scores are ``sigmoid(class_logits)``. Candidates are the ``pre_nms_top_k`` highest
+  (anchor, class) pairs of every level (of the whole image when ``num_anchors_per_level``
+  is None) with score ``> score_threshold``; class-wise NMS at ``iou_threshold`` then keeps
+  at most ``max_detections`` of them, by decreasing score.
+
+  Args:
+    class_logits: ``[A, C]``. boxes: ``[A, 4]`` decoded xyxy boxes.
+    num_anchors_per_level: static level sizes (level-major anchors), or None.
+
+  Returns:
+    :class:`Detections` with ``D = max_detections`` slots.
+  """
+  logits = jnp.asarray(class_logits, jnp.float32)
+  boxes = check_boxes(boxes)
+  if logits.ndim != 2 or boxes.ndim != 2 or boxes.shape[0] != logits.shape[0]:
+    raise ValueError(f"class_logits must be [A, C] and boxes [A, 4], got {logits.shape} and "
+                     f"{boxes.shape}.")
+  num_anchors, num_classes = logits.shape
+  sizes = (num_anchors,) if num_anchors_per_level is None else tuple(
+      int(n) for n in num_anchors_per_level)
+  if sum(sizes) != num_anchors:
+    raise ValueError(f"num_anchors_per_level {sizes} must sum to the {num_anchors} anchors.")
+  scores = jax.nn.sigmoid(logits)
+
+  cand_scores, cand_pairs, start = [], [], 0
+  for n in sizes:
+    if n > 0:
+      flat = scores[start:start + n].reshape(-1)
+      top, idx = jax.lax.top_k(flat, min(int(pre_nms_top_k), flat.shape[0]))
+      cand_scores.append(top)
+      cand_pairs.append(idx + start * num_classes)
+    start += n
+  if not cand_scores:
+    d = int(max_detections)
+    return Detections(jnp.zeros((d, 4)), jnp.zeros((d,)), jnp.zeros((d,), jnp.int32),
+                      jnp.zeros((d,), bool))
+  cand_scores = jnp.concatenate(cand_scores)
+  pairs = jnp.concatenate(cand_pairs)
+  cand_anchor, cand_class = pairs // num_classes, (pairs % num_classes).astype(jnp.int32)
+  cand_boxes = boxes[cand_anchor]
+
+  keep, valid = batched_nms(cand_boxes, cand_scores, cand_class, iou_threshold=iou_threshold,
+                            max_output=max_detections, mask=cand_scores > score_threshold)
+  return Detections(jnp.where(valid[:, None], cand_boxes[keep], 0.0),
+                    jnp.where(valid, cand_scores[keep], 0.0),
+                    jnp.where(valid, cand_class[keep], 0).astype(jnp.int32), valid)
