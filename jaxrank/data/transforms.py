@@ -1,0 +1,192 @@
+"""Host-side (numpy + PIL) image and box transforms.
+
+Images are ``uint8 [H, W, 3]`` until :func:`pad_and_normalize`; boxes are float32
+``[n, 4]`` ``(x1, y1, x2, y2)`` in pixels. Every random transform takes a
+``numpy.random.Generator`` and never modifies its inputs in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+IMAGENET_STD = np.array([58.395, 57.12, 57.375], np.float32)
+
+
+def box_areas(boxes: np.ndarray) -> np.ndarray:
+  wh = np.clip(boxes[:, 2:] - boxes[:, :2], 0.0, None)
+  return wh[:, 0] * wh[:, 1]
+
+
+def clip_and_filter(
+  boxes: np.ndarray, labels: np.ndarray, height: float, width: float, min_size: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+  """Clips boxes to ``[0, width] x [0, height]`` and drops those not wider and taller
+  than ``min_size``."""
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  boxes = np.clip(boxes, 0.0, np.array([width, height, width, height], np.float32))
+  wh = boxes[:, 2:] - boxes[:, :2]
+  keep = (wh[:, 0] > min_size) & (wh[:, 1] > min_size)
+  return boxes[keep], np.asarray(labels)[keep]
+
+
+def resize_to_fit(
+  image: np.ndarray, boxes: np.ndarray, image_size: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+  """Resizes keeping the aspect ratio so the long side is ``image_size``.
+
+  Returns ``(image, boxes, scale)`` with ``resized = original * scale``.
+  """
+  from PIL import Image
+
+  h, w = image.shape[:2]
+  scale = image_size / max(h, w)
+  new_h = min(image_size, max(1, round(h * scale)))
+  new_w = min(image_size, max(1, round(w * scale)))
+  if (new_h, new_w) != (h, w):
+    image = np.asarray(
+      Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR), np.uint8
+    )
+  return image, np.asarray(boxes, np.float32) * np.float32(scale), float(scale)
+
+
+def pad_and_normalize(image: np.ndarray, image_size: int) -> np.ndarray:
+  """Float32 ``[S, S, 3]``: ``(image - mean) / std`` at the top left, zeros (the mean
+  colour) in the bottom/right padding."""
+  h, w = image.shape[:2]
+  if h > image_size or w > image_size:
+    raise ValueError(f"image {h}x{w} is larger than image_size {image_size}")
+  out = np.zeros((image_size, image_size, 3), np.float32)
+  out[:h, :w] = (image.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+  return out
+
+
+def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mirrors the image and its boxes left-right."""
+  w = image.shape[1]
+  boxes = np.asarray(boxes, np.float32)
+  flipped = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=-1)
+  return image[:, ::-1], flipped.reshape(-1, 4)
+
+
+def random_flip(
+  image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, prob: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+  """:func:`hflip` with probability ``prob``."""
+  if rng.random() < prob:
+    return hflip(image, boxes)
+  return image, boxes
+
+
+def photometric_distort(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """SSD-style random brightness, contrast and saturation, each applied with
+  probability 1/2."""
+  img = image.astype(np.float32)
+  if rng.random() < 0.5:
+    img += rng.uniform(-32.0, 32.0)
+  if rng.random() < 0.5:
+    img *= rng.uniform(0.5, 1.5)
+  if rng.random() < 0.5:
+    gray = img @ np.array([0.299, 0.587, 0.114], np.float32)
+    img = gray[..., None] + (img - gray[..., None]) * rng.uniform(0.5, 1.5)
+  if rng.random() < 0.5:
+    img = img[..., rng.permutation(3)]
+  return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def random_expand(
+  image: np.ndarray,
+  boxes: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  max_ratio: float = 4.0,
+  prob: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+  """With probability ``prob``, places the image at a random spot of a canvas up to
+  ``max_ratio`` times larger, filled with the mean colour (SSD's zoom out)."""
+  if rng.random() >= prob:
+    return image, boxes
+  h, w = image.shape[:2]
+  ratio = rng.uniform(1.0, max_ratio)
+  eh, ew = int(h * ratio), int(w * ratio)
+  top, left = int(rng.integers(0, eh - h + 1)), int(rng.integers(0, ew - w + 1))
+  canvas = np.empty((eh, ew, 3), np.uint8)
+  canvas[:] = np.round(IMAGENET_MEAN).astype(np.uint8)
+  canvas[top : top + h, left : left + w] = image
+  offset = np.array([left, top, left, top], np.float32)
+  return canvas, np.asarray(boxes, np.float32) + offset
+
+
+def _iou_with(patch: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+  lt = np.maximum(boxes[:, :2], patch[:2])
+  rb = np.minimum(boxes[:, 2:], patch[2:])
+  wh = np.clip(rb - lt, 0.0, None)
+  inter = wh[:, 0] * wh[:, 1]
+  union = box_areas(boxes) + (patch[2] - patch[0]) * (patch[3] - patch[1]) - inter
+  return inter / np.maximum(union, 1e-6)
+
+
+def min_iou_random_crop(
+  image: np.ndarray,
+  boxes: np.ndarray,
+  labels: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  min_ious: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+  min_crop_size: float = 0.3,
+  max_tries: int = 50,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """SSD's random crop: a patch whose IoU with every box is at least a random choice of
+  ``min_ious`` (or no crop), keeping the boxes whose centres fall inside it."""
+  mode = rng.integers(len(min_ious) + 1)
+  if mode == len(min_ious):
+    return image, boxes, labels
+  min_iou = min_ious[mode]
+  h, w = image.shape[:2]
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  for _ in range(max_tries):
+    cw = rng.uniform(min_crop_size * w, w)
+    ch = rng.uniform(min_crop_size * h, h)
+    if not 0.5 <= ch / cw <= 2.0:
+      continue
+    left, top = rng.uniform(0.0, w - cw), rng.uniform(0.0, h - ch)
+    patch = np.array([left, top, left + cw, top + ch], np.float32).round()
+    if patch[2] - patch[0] < 1 or patch[3] - patch[1] < 1:
+      continue
+    if len(boxes) and _iou_with(patch, boxes).min() < min_iou:
+      continue
+    centres = (boxes[:, :2] + boxes[:, 2:]) * 0.5
+    inside = np.all((centres > patch[:2]) & (centres < patch[2:]), axis=1)
+    if len(boxes) and not inside.any():
+      continue
+    x1, y1, x2, y2 = (int(v) for v in patch)
+    shifted = boxes[inside] - np.array([x1, y1, x1, y1], np.float32)
+    kept_boxes, kept_labels = clip_and_filter(shifted, labels[inside], y2 - y1, x2 - x1)
+    return image[y1:y2, x1:x2], kept_boxes, kept_labels
+  return image, boxes, labels
+
+
+AUGMENTATIONS = ("none", "flip", "ssd")
+
+
+def augment(
+  image: np.ndarray,
+  boxes: np.ndarray,
+  labels: np.ndarray,
+  rng: np.random.Generator,
+  mode: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Applies augmentation ``mode``: ``"none"``, ``"flip"`` (random horizontal flip) or
+  ``"ssd"`` (photometric distortion, expand, min-IoU crop, then flip)."""
+  if mode not in AUGMENTATIONS:
+    raise ValueError(f"unknown augmentation {mode!r}; expected one of {AUGMENTATIONS}")
+  if mode == "none":
+    return image, boxes, labels
+  if mode == "ssd":
+    image = photometric_distort(image, rng)
+    image, boxes = random_expand(image, boxes, rng)
+    image, boxes, labels = min_iou_random_crop(image, boxes, labels, rng)
+  image, boxes = random_flip(image, boxes, rng)
+  return image, boxes, labels

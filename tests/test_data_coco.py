@@ -1,0 +1,162 @@
+"""Tests of the COCO folder loader."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxrank.data import CorruptImageError, load_coco_folder, load_tfds_coco
+
+
+def _annotations():
+  return {
+    "info": {"description": "tiny"},
+    "images": [
+      {"id": 10, "file_name": "a.png", "width": 40, "height": 30},
+      {"id": 11, "file_name": "b.png", "width": 20, "height": 24},
+      {"id": 12, "file_name": "c.png", "width": 16, "height": 16},
+    ],
+    "categories": [{"id": 5, "name": "dog"}, {"id": 1, "name": "cat"}],
+    "annotations": [
+      {"id": 1, "image_id": 10, "category_id": 1, "bbox": [2, 3, 10, 8], "area": 80, "iscrowd": 0},
+      {"id": 2, "image_id": 10, "category_id": 5, "bbox": [30, 20, 20, 20], "iscrowd": 0},
+      {"id": 3, "image_id": 10, "category_id": 5, "bbox": [5, 5, 0, 4], "iscrowd": 0},
+      {"id": 4, "image_id": 11, "category_id": 1, "bbox": [4, 4, -3, 5], "iscrowd": 0},
+      {"id": 5, "image_id": 11, "category_id": 1, "bbox": [25, 2, 5, 5], "iscrowd": 0},
+      {"id": 6, "image_id": 11, "category_id": 5, "bbox": [1, 1, 6, 6], "iscrowd": 1},
+      {"id": 7, "image_id": 11, "category_id": 5, "bbox": [8, 10, 6, 9]},
+    ],
+  }
+
+
+@pytest.fixture
+def coco_dir(tmp_path):
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  for im in _annotations()["images"]:
+    pixels = rng.integers(0, 256, (im["height"], im["width"], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(images / im["file_name"])
+  ann = tmp_path / "instances.json"
+  ann.write_text(json.dumps(_annotations()))
+  return images, ann
+
+
+def test_loads_and_maps_categories(coco_dir, caplog):
+  images, ann = coco_dir
+  with caplog.at_level(logging.WARNING):
+    ds = load_coco_folder(images, ann)
+  assert len(ds) == 3
+  assert ds.class_names == ("cat", "dog")
+  assert ds.label_to_category_id == {0: 1, 1: 5}
+  ex = ds.load(0)
+  assert ex["image"].shape == (30, 40, 3) and ex["image"].dtype == np.uint8
+  assert ex["image_id"] == 10
+  np.testing.assert_allclose(ex["boxes"], [[2, 3, 12, 11], [30, 20, 40, 30]])
+  np.testing.assert_array_equal(ex["labels"], [0, 1])
+  assert ex["boxes"].dtype == np.float32 and ex["labels"].dtype == np.int32
+  text = caplog.text
+  assert "dropped 3 invalid boxes" in text
+  assert "negative size" in text and "zero area" in text and "outside image" in text
+  assert "clipped 1 boxes" in text
+
+
+def test_crowd_and_empty_images(coco_dir):
+  images, ann = coco_dir
+  ds = load_coco_folder(images, ann)
+  ex = ds.load(1)
+  np.testing.assert_allclose(ex["boxes"], [[8, 10, 14, 19]])
+  np.testing.assert_array_equal(ex["labels"], [1])
+  empty = ds.load(2)
+  assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
+  assert empty["image"].shape == (16, 16, 3)
+  gt = {a["id"]: a for a in ds.coco["annotations"]}
+  assert sorted(gt) == [1, 2, 6, 7]
+  assert gt[6]["iscrowd"] == 1 and gt[7]["iscrowd"] == 0
+  assert gt[2]["bbox"] == [30.0, 20.0, 10.0, 10.0]
+  assert gt[7]["area"] == 54.0
+  with_crowd = load_coco_folder(images, ann, skip_crowd=False)
+  assert len(with_crowd.load(1)["boxes"]) == 2
+
+
+def test_missing_paths(coco_dir, tmp_path):
+  images, ann = coco_dir
+  with pytest.raises(FileNotFoundError, match="nope"):
+    load_coco_folder(tmp_path / "nope", ann)
+  with pytest.raises(FileNotFoundError, match="missing.json"):
+    load_coco_folder(images, tmp_path / "missing.json")
+  (images / "c.png").unlink()
+  ds = load_coco_folder(images, ann)
+  with pytest.raises(FileNotFoundError, match="c.png"):
+    ds.load(2)
+
+
+def test_malformed_json(coco_dir):
+  images, ann = coco_dir
+  ann.write_text('{"images": [')
+  with pytest.raises(ValueError, match="malformed JSON"):
+    load_coco_folder(images, ann)
+  ann.write_text("[]")
+  with pytest.raises(ValueError, match="not an object"):
+    load_coco_folder(images, ann)
+
+
+@pytest.mark.parametrize(
+  "edit, key",
+  [
+    (lambda d: d.pop("categories"), "categories"),
+    (lambda d: d["annotations"][3].pop("bbox"), "bbox"),
+    (lambda d: d["images"][1].pop("file_name"), "file_name"),
+    (lambda d: d["categories"][0].pop("name"), "name"),
+  ],
+)
+def test_missing_keys(coco_dir, edit, key):
+  images, ann = coco_dir
+  data = _annotations()
+  edit(data)
+  ann.write_text(json.dumps(data))
+  with pytest.raises(ValueError, match=f"'{key}'"):
+    load_coco_folder(images, ann)
+
+
+def test_unknown_references(coco_dir):
+  images, ann = coco_dir
+  data = _annotations()
+  data["annotations"][0]["category_id"] = 99
+  ann.write_text(json.dumps(data))
+  with pytest.raises(ValueError, match="unknown category 99"):
+    load_coco_folder(images, ann)
+  data = _annotations()
+  data["annotations"][0]["image_id"] = 77
+  ann.write_text(json.dumps(data))
+  with pytest.raises(ValueError, match="unknown image 77"):
+    load_coco_folder(images, ann)
+
+
+def test_corrupt_image(coco_dir, caplog):
+  images, ann = coco_dir
+  (images / "b.png").write_bytes(b"\x89PNG not really an image")
+  ds = load_coco_folder(images, ann)
+  assert ds.load(0)["image"].shape == (30, 40, 3)
+  with pytest.raises(CorruptImageError, match="b.png"):
+    ds.load(1)
+  with caplog.at_level(logging.WARNING):
+    skipped = load_coco_folder(images, ann, on_corrupt="skip")
+  assert "b.png" in caplog.text
+  assert [r.image_id for r in skipped.records] == [10, 12]
+  assert {im["id"] for im in skipped.coco["images"]} == {10, 12}
+  assert all(a["image_id"] != 11 for a in skipped.coco["annotations"])
+  with pytest.raises(ValueError, match="on_corrupt"):
+    load_coco_folder(images, ann, on_corrupt="ignore")
+
+
+def test_tfds_import_error_names_extra():
+  try:
+    import tensorflow_datasets  # noqa: F401
+  except ImportError:
+    with pytest.raises(ImportError, match=r"\[coco\]"):
+      load_tfds_coco("validation")
+  else:
+    pytest.skip("tensorflow_datasets is installed")
