@@ -66,7 +66,9 @@ def flatten(logits, targets, where, *, name: str, extra=None) -> Flat:
   if concrete_targets is not None and np.isnan(concrete_targets.astype(np.float32)).any():
     raise ValueError(f"{name}: targets contain NaN; use -1 (or where=False) to ignore an entry")
   s = logits.astype(jnp.float32).reshape(-1)
-  y = targets.astype(jnp.float32).reshape(-1)
+  # Targets closed over as constants would otherwise be constant-folded by XLA at compile
+  # time, which is slower than computing on them.
+  y = jax.lax.optimization_barrier(targets.astype(jnp.float32).reshape(-1))
   valid = y >= 0  # False for -1 and NaN
   if where is not None:
     where = jnp.asarray(where)

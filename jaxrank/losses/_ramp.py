@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Array = jax.Array
 
@@ -68,54 +69,66 @@ def _pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def _build_tree(weight, moment, ref, *, left_anchored: bool):
-  """Levels of a sum tree over leaves with (Σw, Σw·|x - ref|, ref).
+class _Tree(NamedTuple):
+  """Sum tree in heap layout: node k has children 2k and 2k+1; leaves at [size, 2·size)."""
+  weight: Array
+  moment: Array
+  ref: Array
+  left_anchored: bool
+
+
+def _build_tree(weight, moment, ref, *, left_anchored: bool) -> _Tree:
+  """Sum tree over leaves with (Σw, Σw·|x - ref|, ref).
 
   Left-anchored nodes keep ``ref`` = their leftmost leaf's ref and moments ``Σ w (x - ref)``;
   right-anchored nodes keep the rightmost ref and ``Σ w (ref - x)``. All moments are sums of
-  non-negative terms.
+  non-negative terms. Built with one loop over the levels (small programs compile fast).
   """
   n = weight.shape[0]
-  pad = _pow2(n) - n
-  if pad:
-    weight = jnp.concatenate([weight, jnp.zeros(pad, weight.dtype)])
-    moment = jnp.concatenate([moment, jnp.zeros(pad, moment.dtype)])
-    ref = jnp.concatenate([ref, jnp.broadcast_to(ref[-1:], (pad,))])
-  levels = [(weight, moment, ref)]
-  while weight.shape[0] > 1:
-    wl, wr = weight[0::2], weight[1::2]
-    ml, mr = moment[0::2], moment[1::2]
-    rl, rr = ref[0::2], ref[1::2]
+  size = _pow2(n)
+  pad = size - n
+  weight = jnp.concatenate([jnp.zeros(size, jnp.float32), weight, jnp.zeros(pad, jnp.float32)])
+  moment = jnp.concatenate([jnp.zeros(size, jnp.float32), moment, jnp.zeros(pad, jnp.float32)])
+  ref = jnp.concatenate([jnp.broadcast_to(ref[:1], (size,)), ref, jnp.broadcast_to(ref[-1:], (pad,))])
+
+  def level(_, tree):
+    w, m, r = tree
+    wl, wr, ml, mr, rl, rr = w[0::2], w[1::2], m[0::2], m[1::2], r[0::2], r[1::2]
     if left_anchored:
-      moment, ref = ml + mr + wr * (rr - rl), rl
+      parent_m, parent_r = ml + mr + wr * (rr - rl), rl
     else:
-      moment, ref = ml + mr + wl * (rr - rl), rr
-    weight = wl + wr
-    levels.append((weight, moment, ref))
-  return levels
+      parent_m, parent_r = ml + mr + wl * (rr - rl), rr
+    return (jnp.concatenate([wl + wr, w[size:]]), jnp.concatenate([parent_m, m[size:]]),
+            jnp.concatenate([parent_r, r[size:]]))
+
+  w, m, r = lax.fori_loop(0, size.bit_length() - 1, level, (weight, moment, ref))
+  return _Tree(w, m, r, left_anchored)
 
 
-def _query_tree(levels, lo, hi, q, *, left_anchored: bool):
+def _query_tree(tree: _Tree, lo, hi, q):
   """``(Σ w, Σ w |x - q|)`` over leaves ``[lo, hi)``, for ``q`` on the anchored side of them."""
-  total_w = jnp.zeros(q.shape, jnp.float32)
-  total_m = jnp.zeros(q.shape, jnp.float32)
+  size = tree.weight.shape[0] // 2
 
-  def add(take, idx, weight, moment, ref, total_w, total_m):
+  def add(take, idx, total_w, total_m):
     idx = jnp.where(take, idx, 0)
-    w, r = weight[idx], ref[idx]
-    dist = (r - q) if left_anchored else (q - r)
+    w, r = tree.weight[idx], tree.ref[idx]
+    dist = (r - q) if tree.left_anchored else (q - r)
     total_w = total_w + jnp.where(take, w, 0.0)
-    total_m = total_m + jnp.where(take, moment[idx] + w * dist, 0.0)
+    total_m = total_m + jnp.where(take, tree.moment[idx] + w * dist, 0.0)
     return total_w, total_m
 
-  for weight, moment, ref in levels:
+  def level(_, carry):
+    lo, hi, total_w, total_m = carry
     take = (lo < hi) & ((lo & 1) == 1)
-    total_w, total_m = add(take, lo, weight, moment, ref, total_w, total_m)
+    total_w, total_m = add(take, lo, total_w, total_m)
     lo = lo + take
     take = (lo < hi) & ((hi & 1) == 1)
     hi = hi - take
-    total_w, total_m = add(take, hi, weight, moment, ref, total_w, total_m)
-    lo, hi = lo >> 1, hi >> 1
+    total_w, total_m = add(take, hi, total_w, total_m)
+    return lo >> 1, hi >> 1, total_w, total_m
+
+  zero = jnp.zeros(q.shape, jnp.float32)
+  _, _, total_w, total_m = lax.fori_loop(0, size.bit_length(), level, (lo + size, hi + size, zero, zero))
   return total_w, total_m
 
 
@@ -138,8 +151,8 @@ def window_sums(th: Thresholds, x, weight, bucket=None):
   inside = (bucket > 0) & (bucket < num_buckets - 1)
   offset = jnp.where(inside, x - starts[bucket], 0.0)
   moment = jax.ops.segment_sum(weight * offset, bucket, num_segments=num_buckets)
-  levels = _build_tree(total, moment, starts, left_anchored=True)
-  _, partial = _query_tree(levels, th.first, th.end, th.lower, left_anchored=True)
+  tree = _build_tree(total, moment, starts, left_anchored=True)
+  _, partial = _query_tree(tree, th.first, th.end, th.lower)
   return full + partial / (2.0 * th.delta)
 
 
@@ -155,8 +168,8 @@ def ramp_values(th: Thresholds, coeff, x, bucket=None):
     value = prefix[passed].at[0].set(0.0)
     return value[bucket]
   entered = searchsorted(th.lower, starts, "right")   # positives with s - δ <= start
-  levels = _build_tree(coeff, jnp.zeros_like(coeff), th.lower, left_anchored=False)
-  active, moment = _query_tree(levels, passed, entered, starts, left_anchored=False)
+  tree = _build_tree(coeff, jnp.zeros_like(coeff), th.lower, left_anchored=False)
+  active, moment = _query_tree(tree, passed, entered, starts)
   scale = 1.0 / (2.0 * th.delta)
   at_start = (prefix[passed] + moment * scale).at[0].set(0.0)
   slope = (active * scale).at[0].set(0.0)
