@@ -1,0 +1,193 @@
+"""Loss recipes: jit + grad on a batch with a box-less image and a padding example."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrank import losses, models
+from jaxrank.models import recipes
+
+SIZE = 64
+NUM_CLASSES = 3
+
+
+@functools.lru_cache(maxsize=None)
+def static_info(detector_name):
+  config = models.default_model_config(detector_name)
+  config.update(backbone="tiny", image_size=SIZE, num_classes=NUM_CLASSES)
+  detector = nnx.eval_shape(lambda: models.build_detector(config, rngs=nnx.Rngs(0)))
+  return detector.static_info()
+
+
+def make_batch():
+  """Image 0: two boxes, 1: one box, 2: no boxes, 3: a padding example (with a box)."""
+  boxes = np.zeros((4, 3, 4), np.float32)
+  labels = np.full((4, 3), -1, np.int32)
+  mask = np.zeros((4, 3), bool)
+  boxes[0, :2] = [[4, 6, 30, 40], [20, 10, 62, 50]]
+  labels[0, :2] = [0, 2]
+  boxes[1, 0] = [10, 12, 50, 34]
+  labels[1, 0] = 1
+  boxes[3, 0] = [10, 12, 50, 34]
+  labels[3, 0] = 1
+  mask[[0, 0, 1, 3], [0, 1, 0, 0]] = True
+  return {"boxes": boxes, "labels": labels, "box_mask": mask,
+          "valid": np.array([True, True, True, False])}
+
+
+def make_outputs(static, batch_size=4, seed=0):
+  num_anchors = static.anchors.shape[0]
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  logits = jax.random.normal(k1, (batch_size, num_anchors, NUM_CLASSES)) - 3.0
+  deltas = 0.5 * jax.random.normal(k2, (batch_size, num_anchors, 4))
+  return models.DetectorOutputs(logits, deltas)
+
+
+def loss_config(name, **overrides):
+  config = models.default_loss_config(name)
+  config.update(max_positives_per_image=128, alrp_period=2)
+  config.update(overrides)
+  return config
+
+
+@functools.lru_cache(maxsize=None)
+def loss_and_grad(name, groups=1):
+  """Jitted ``(outputs, batch, state) -> ((loss, (metrics, state)), d loss / d outputs)``."""
+  static = static_info(recipes.RECIPES[name].detector)
+  config = loss_config(name, ranking_groups=groups)
+
+  @jax.jit
+  def run(outputs, batch, state):
+    f = lambda o: models.detection_loss(static, o, batch, config, state)
+    return jax.value_and_grad(f, has_aux=True)(outputs)
+
+  return run
+
+
+@pytest.mark.parametrize("name", models.LOSS_NAMES)
+def test_recipe_jit_grad(name):
+  static = static_info(recipes.RECIPES[name].detector)
+  config = loss_config(name)
+  state = models.init_loss_state(config)
+  batch = make_batch()
+  run = loss_and_grad(name)
+  outputs = make_outputs(static)
+  (loss, (metrics, new_state)), grads = run(outputs, batch, state)
+  assert loss.dtype == jnp.float32 and np.isfinite(loss) and loss > 0
+  for key in ("loss", "cls_loss", "box_loss", "box_weight", "num_positives"):
+    assert np.isfinite(metrics[key]), key
+  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+  total = metrics["cls_loss"] + metrics["box_weight"] * metrics["box_loss"]
+  np.testing.assert_allclose(loss, total, rtol=1e-5)
+  assert metrics["num_positives"] > 0
+  for g in (grads.class_logits, grads.box_deltas):
+    assert np.all(np.isfinite(g))
+    np.testing.assert_array_equal(g[3], 0.0)  # padding example
+  np.testing.assert_array_equal(grads.box_deltas[2], 0.0)  # no boxes: no positives
+  assert float(jnp.abs(grads.class_logits[:2]).max()) > 0
+  assert float(jnp.abs(grads.box_deltas[:2]).max()) > 0
+
+  if name in ("rank_sort", "bucketed_rank_sort"):
+    np.testing.assert_allclose(metrics["ranking_loss"] + metrics["sorting_loss"],
+                               metrics["cls_loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["box_weight"] * metrics["box_loss"], metrics["cls_loss"],
+                               rtol=1e-5)  # value ratio
+  if name == "alrp":
+    assert isinstance(new_state, losses.SelfBalanceState)
+    assert int(new_state.count) == 1 and float(new_state.weight) == 50.0
+    np.testing.assert_allclose(metrics["alrp_weight"], 50.0)
+    (_, (metrics2, state2)), _ = run(outputs, batch, new_state)
+    assert int(state2.count) == 0
+    expected = (metrics["box_loss"] + metrics2["box_loss"] + metrics["cls_loss"]
+                + metrics2["cls_loss"]) / (metrics["box_loss"] + metrics2["box_loss"])
+    np.testing.assert_allclose(state2.weight, expected, rtol=1e-5)
+  else:
+    assert new_state == {}
+
+  # Changing the padding example's predictions changes nothing.
+  shifted = models.DetectorOutputs(outputs.class_logits.at[3].add(5.0),
+                                   outputs.box_deltas.at[3].add(1.0))
+  np.testing.assert_allclose(run(shifted, batch, state)[0][0], loss, rtol=1e-6)
+
+
+def test_no_positives_anywhere():
+  static = static_info("atss")
+  batch = make_batch()
+  batch["box_mask"][:] = False
+  (loss, (metrics, _)), grads = loss_and_grad("rank_sort")(make_outputs(static), batch, {})
+  assert float(loss) == 0.0 and float(metrics["num_positives"]) == 0
+  for g in (grads.class_logits, grads.box_deltas):
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_ranking_groups_average_separate_rankings():
+  """aLRP over 8 images in 2 groups = the mean of the two 4-image losses, one shared state."""
+  static = static_info("retinanet")
+  state = models.init_loss_state(loss_config("alrp"))
+  first, second = make_batch(), make_batch()
+  second["boxes"][:, :, 0] += 2.0
+  second["valid"][:] = True
+  outputs = [make_outputs(static, seed=1), make_outputs(static, seed=2)]
+  single = [loss_and_grad("alrp")(o, b, state)[0] for o, b in zip(outputs, (first, second))]
+  both = jax.tree.map(lambda *x: np.concatenate(x), first, second)
+  (loss, (metrics, new_state)), grads = loss_and_grad("alrp", 2)(
+      jax.tree.map(lambda *x: jnp.concatenate(x), *outputs), both, state)
+  np.testing.assert_allclose(loss, (single[0][0] + single[1][0]) / 2, rtol=1e-5)
+  for key in ("cls_loss", "box_loss"):
+    np.testing.assert_allclose(metrics[key], (single[0][1][0][key] + single[1][1][0][key]) / 2,
+                               rtol=1e-5)
+  np.testing.assert_allclose(metrics["num_positives"], single[0][1][0]["num_positives"]
+                             + single[1][1][0]["num_positives"])
+  np.testing.assert_allclose(new_state.cls_sum, metrics["cls_loss"], rtol=1e-6)
+  assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_assigner_override_and_defaults():
+  resolved = models.check_loss_config(loss_config("rank_sort"))
+  assert resolved.assigner == "atss" and resolved.delta == 0.5 and resolved.fixed_weight is None
+  resolved = models.check_loss_config(loss_config("focal_giou"))
+  assert resolved.assigner == "max_iou" and resolved.fixed_weight == 2.0
+  resolved = models.check_loss_config(loss_config("alrp", assigner="atss", delta=0.5,
+                                                  box_loss_weight=3.0))
+  assert resolved.assigner == "atss" and resolved.delta == 0.5 and resolved.fixed_weight == 3.0
+  assert models.check_loss_config(loss_config("bucketed_ap")).delta == 1.0
+  assert models.init_loss_state(loss_config("alrp")).weight == 50.0
+  assert models.init_loss_state(loss_config("rank_sort")) == {}
+
+
+@pytest.mark.parametrize("field,value", [
+    ("name", "focal"), ("assigner", "hungarian"), ("delta", -1.0), ("max_positives_per_image", 0),
+    ("ranking_groups", 0), ("box_loss_weight", -1.0), ("alrp_period", -1),
+])
+def test_invalid_loss_config(field, value):
+  config = loss_config("ap_smooth_l1")
+  with config.unlocked():
+    config[field] = value
+  with pytest.raises(ValueError, match=field):
+    models.check_loss_config(config)
+
+
+def test_loss_config_errors_at_call_time():
+  static = static_info("retinanet")
+  outputs = make_outputs(static, batch_size=4)
+  with pytest.raises(ValueError, match="ranking_groups"):
+    config = loss_config("focal_giou", ranking_groups=3)
+    models.detection_loss(static, outputs, make_batch(), config, {})
+  config = loss_config("alrp", alrp_period=0)
+  with pytest.raises(ValueError, match="alrp_period"):
+    models.detection_loss(static, outputs, make_batch(), config, models.init_loss_state(config))
+  with pytest.raises(ValueError, match="unknown loss_config"):
+    models.check_loss_config(loss_config("alrp", alrp_periods=3))
+  with pytest.raises(ValueError, match="delta must be None"):
+    models.check_loss_config(loss_config("focal_giou", delta=0.5))
+
+
+def test_recipe_model_configs():
+  assert models.recipe_model_config("rank_sort").name == "atss"
+  assert tuple(models.recipe_model_config("rank_sort").anchor_ratios) == (1.0,)
+  assert models.recipe_model_config("alrp").scales_per_octave == 2
+  assert models.recipe_model_config("focal_smooth_l1").name == "retinanet"
