@@ -1,0 +1,7 @@
+"""Recipe 'bucketed_ap' on the built-in synthetic shapes with a tiny detector (CPU minutes)."""
+
+from jaxrank.train import presets
+
+
+def get_config():
+  return presets.synthetic_config("bucketed_ap")

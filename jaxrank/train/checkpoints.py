@@ -1,0 +1,250 @@
+"""Orbax checkpoints with automatic resume, fallback and a SIGTERM handler.
+
+A checkpoint ``<workdir>/checkpoints/<step>/`` holds two items:
+
+* ``state``: the training state pytree (parameters, other model variables, optimiser
+  state, loss state), restored with the shardings of an abstract target;
+* ``meta``: JSON with the step, the data-iterator position (``epoch``,
+  ``batch_in_epoch``), ``steps_per_epoch`` and counters.
+
+Orbax writes a step into a temporary directory and renames it when complete, so a run
+killed mid-save leaves no partial step behind. A step that exists but cannot be read
+(e.g. damaged files) is moved to ``<workdir>/checkpoints/corrupt/`` with a warning and the
+previous step is used instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class NoUsableCheckpointError(RuntimeError):
+  """No checkpoint step could be restored."""
+
+
+def _is_key(x: Any) -> bool:
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def to_savable(tree: Any) -> Any:
+  """Typed PRNG key arrays replaced by their raw ``uint32`` data."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def abstract_savable(tree: Any) -> Any:
+  """The abstract (``ShapeDtypeStruct``) counterpart of :func:`to_savable` for an abstract
+  or concrete tree."""
+
+  def convert(x):
+    sharding = getattr(x, "sharding", None)
+    if _is_key(x):
+      data = jax.eval_shape(jax.random.key_data, x)
+      return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  return jax.tree.map(convert, tree)
+
+
+def from_savable(tree: Any, like: Any) -> Any:
+  """Inverse of :func:`to_savable`, using ``like`` (abstract or concrete) for key types."""
+
+  def convert(x, ref):
+    if _is_key(ref):
+      return jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref) if not isinstance(
+        ref, jax.ShapeDtypeStruct) else None)
+    return x
+
+  return jax.tree.map(convert, tree, like)
+
+
+class Checkpointer:
+  """Saves every ``save_every`` steps keeping the last ``keep``; restores the latest
+  readable step.
+
+  Args:
+    directory: checkpoint folder (created).
+    save_every: :meth:`maybe_save` saves when ``step % save_every == 0`` (0: never).
+    keep: checkpoints kept (older ones are deleted).
+    async_save: write in a background thread (the step returns once arrays are copied).
+  """
+
+  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.save_every = int(save_every)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=int(keep),
+      create=True,
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=async_save,
+    )
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "meta")
+    )
+
+  # -- queries -------------------------------------------------------------------------
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  # -- saving ---------------------------------------------------------------------------
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> bool:
+    """Saves ``state`` and ``meta`` at ``step`` (no-op if that step exists)."""
+    step = int(step)
+    if step in self._manager.all_steps():
+      return False
+    meta = {**meta, "step": step, "saved_at": time.time()}
+    saved = self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(to_savable(state)), meta=ocp.args.JsonSave(meta)
+      ),
+      force=True,
+    )
+    if saved:
+      log.info("checkpoint step %d -> %s", step, self.directory)
+    return bool(saved)
+
+  def maybe_save(self, step: int, state: Any, meta: dict[str, Any]) -> bool:
+    if self.save_every > 0 and step % self.save_every == 0:
+      return self.save(step, state, meta)
+    return False
+
+  def wait(self) -> None:
+    """Blocks until background saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  # -- restoring ------------------------------------------------------------------------
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """``(state, meta)`` of ``step``; ``abstract_state`` gives shapes, dtypes and
+    shardings."""
+    restored = self._manager.restore(
+      int(step),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_savable(abstract_state)),
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
+    state = from_savable(restored.state, abstract_state)
+    return state, dict(restored.meta)
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    restored = self._manager.restore(
+      int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    )
+    return dict(restored.meta)
+
+  def _quarantine(self, step: int) -> None:
+    """Moves an unreadable step out of the way (so it is not reused or overwritten)."""
+    if jax.process_index() == 0:
+      src = os.path.join(self.directory, str(step))
+      dst_dir = os.path.join(self.directory, "corrupt")
+      os.makedirs(dst_dir, exist_ok=True)
+      dst = os.path.join(dst_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+      if os.path.exists(src):
+        shutil.move(src, dst)
+        log.warning("moved unreadable checkpoint %s to %s", src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"jaxrank_quarantine_{step}")
+    self._manager.reload()
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """``(step, state, meta)`` of the latest readable checkpoint, or None if there is
+    none. Unreadable steps are quarantined with a warning and older ones tried."""
+    steps = self.all_steps()
+    if not steps:
+      return None
+    failures = []
+    for step in reversed(steps):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except Exception as e:  # damaged files raise many exception types
+        failures.append(step)
+        older = [s for s in steps if s < step]
+        log.warning(
+          "checkpoint step %d in %s is unreadable (%s: %s); %s",
+          step, self.directory, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "",
+          f"falling back to step {older[-1]}" if older else "no older checkpoint",
+        )
+        self._quarantine(step)
+        continue
+      if failures:
+        log.warning("resumed from step %d instead of the latest step %d", step, failures[0])
+      return step, state, meta
+    raise NoUsableCheckpointError(
+      f"none of the checkpoints {steps} in {self.directory} could be restored; "
+      "they were moved to the 'corrupt' folder. Start a new run or use another --workdir."
+    )
+
+
+class TerminationRequest:
+  """Turns SIGTERM (and optionally SIGINT) into a flag checked between training steps,
+  so the loop can save a checkpoint before exiting. Use as a context manager; the
+  previous handlers are restored on exit. Only installs handlers in the main thread."""
+
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    self._signals = signals
+    self._previous: dict[int, Any] = {}
+    self._event = threading.Event()
+    self.signum: int | None = None
+
+  def _handler(self, signum, frame):
+    if self._event.is_set():  # second signal: give up waiting
+      previous = self._previous.get(signum)
+      if callable(previous):
+        previous(signum, frame)
+      raise SystemExit(128 + signum)
+    self.signum = signum
+    self._event.set()
+    log.warning("received %s: saving a checkpoint after the current step",
+                signal.Signals(signum).name)
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()
+
+  def request(self) -> None:
+    self._event.set()
+
+  def __enter__(self) -> TerminationRequest:
+    if threading.current_thread() is threading.main_thread():
+      for s in self._signals:
+        self._previous[s] = signal.signal(s, self._handler)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, h in self._previous.items():
+      signal.signal(s, h)
+    self._previous.clear()
+
+
+def any_process(flag: bool) -> bool:
+  """True on every host if ``flag`` is True on any host."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))
+  return bool(np.any(flags))

@@ -1,0 +1,124 @@
+"""Command-line plumbing shared by ``python -m jaxrank.train`` and ``python -m jaxrank.eval``:
+``--config FILE[:ARG]`` plus ``--config.a.b=value`` (or ``--config.a.b value``) overrides,
+logging setup and error reporting."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from jaxrank.train import config as config_lib
+
+DEFAULT_CONFIG = os.path.join("configs", "default.py")
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+  """Separates ``--config.KEY=VALUE`` / ``--config.KEY VALUE`` overrides from the other
+  arguments."""
+  overrides, rest = [], []
+  i = 0
+  argv = list(argv)
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      body = arg[len("--config."):]
+      if "=" in body:
+        key, value = body.split("=", 1)
+      else:
+        if i + 1 >= len(argv):
+          raise config_lib.ConfigError(f"override --config.{body} has no value")
+        key, value = body, argv[i + 1]
+        i += 1
+      if not key:
+        raise config_lib.ConfigError(f"empty config key in {arg!r}")
+      overrides.append((key, value))
+    else:
+      rest.append(arg)
+    i += 1
+  return overrides, rest
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+  g = parser.add_argument_group("multi-host")
+  g.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() with cluster auto-detection "
+                      "(also done automatically when JAX_COORDINATOR_ADDRESS or a SLURM "
+                      "job with several tasks is found)")
+  g.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+  g.add_argument("--num_processes", type=int, default=None)
+  g.add_argument("--process_id", type=int, default=None)
+
+
+def find_default_config() -> str:
+  """``configs/default.py`` of the current directory or of the source checkout."""
+  if os.path.isfile(DEFAULT_CONFIG):
+    return DEFAULT_CONFIG
+  here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  candidate = os.path.join(here, DEFAULT_CONFIG)
+  if os.path.isfile(candidate):
+    return candidate
+  raise config_lib.ConfigError(
+    f"no --config given and {DEFAULT_CONFIG} not found (run from the repository root)"
+  )
+
+
+def load_config(spec: str | None, overrides: Sequence[tuple[str, str]]):
+  config = config_lib.load_config_file(spec or find_default_config())
+  config_lib.apply_overrides(config, overrides)
+  return config
+
+
+def setup_logging(workdir: str | None = None, *, verbose: bool = False) -> None:
+  """INFO logs of jaxrank to stderr (and ``<workdir>/train.log``); quieter libraries."""
+  fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+  # jaxrank's loggers get their own handler (libraries may configure the root logger).
+  pkg = logging.getLogger("jaxrank")
+  pkg.propagate = False
+  pkg.setLevel(logging.INFO)
+  if not any(getattr(h, "_jaxrank", False) and not isinstance(h, logging.FileHandler)
+             for h in pkg.handlers):
+    handler = _TqdmHandler()
+    handler.setFormatter(fmt)
+    handler._jaxrank = True
+    pkg.addHandler(handler)
+  root = logging.getLogger()
+  if root.level > logging.WARNING or root.level == logging.NOTSET:
+    root.setLevel(logging.WARNING)
+  for name in ("absl", "orbax", "jax", "etils", "tensorstore", "matplotlib", "PIL"):
+    logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+  if workdir is not None:
+    os.makedirs(workdir, exist_ok=True)
+    fh = logging.FileHandler(os.path.join(workdir, "train.log"))
+    fh.setFormatter(fmt)
+    fh._jaxrank = True
+    pkg.addHandler(fh)
+  try:  # absl logs through its own handler once initialised; keep it quiet.
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+  except ImportError:
+    pass
+
+
+class _TqdmHandler(logging.StreamHandler):
+  """Writes through tqdm so that log lines do not break the progress bar."""
+
+  def __init__(self):
+    super().__init__(sys.stderr)
+
+  def emit(self, record):
+    try:
+      from tqdm import tqdm
+
+      tqdm.write(self.format(record), file=sys.stderr)
+      self.flush()
+    except Exception:
+      self.handleError(record)
+
+
+def fail(prog: str, message: str, code: int) -> int:
+  print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+  return code

@@ -1,0 +1,246 @@
+"""Configs, overrides, the optimiser and the learning-rate schedule (no training)."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from test_train_helpers import REPO
+
+from jaxrank.train import config as config_lib
+from jaxrank.train import optim, presets
+
+
+def _default():
+  return config_lib.load_config_file(os.path.join(REPO, "configs", "default.py"))
+
+
+def test_default_config_is_tiny_rs_on_synthetic():
+  c = _default()
+  config_lib.validate(c)
+  assert c.model.backbone == "tiny"
+  assert c.loss.name == "rank_sort"
+  assert c.data.source == "synthetic"
+  assert c.data.num_classes == 3
+  assert c.model.num_classes == 3 and c.model.image_size == c.data.image_size
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))))
+def test_every_config_file_loads_and_validates(path):
+  c = config_lib.load_config_file(path)
+  config_lib.validate(c)
+  from jaxrank.models import check_model_config
+  from jaxrank.models.recipes import check_loss_config
+
+  resolved = c.copy_and_resolve_references()
+  check_model_config(resolved.model)
+  check_loss_config(resolved.loss)
+
+
+def test_parametrised_config_file():
+  c = config_lib.load_config_file(os.path.join(REPO, "configs", "synthetic.py") + ":alrp")
+  assert c.loss.name == "alrp" and c.model.name == "retinanet"
+  with pytest.raises(ValueError, match="must be one of"):
+    config_lib.load_config_file(os.path.join(REPO, "configs", "synthetic.py") + ":nope")
+
+
+_PUBLISHED = {
+  # file: (loss, lr, reference batch, epochs, decay epochs, image size)
+  "coco_retinanet_focal": ("focal_smooth_l1", 0.01, 16, 12, (8, 11), 800),
+  "coco_retinanet_ap": ("ap_smooth_l1", 0.002, 32, 100, (60, 80), 512),
+  "coco_retinanet_alrp": ("alrp", 0.008, 32, 100, (75, 95), 512),
+  "coco_atss_rs": ("rank_sort", 0.008, 16, 12, (8, 11), 800),
+  "coco_atss_brs": ("bucketed_rank_sort", 0.008, 16, 12, (8, 11), 800),
+  "coco_atss_bap": ("bucketed_ap", 0.008, 16, 12, (8, 11), 800),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PUBLISHED))
+def test_coco_recipes_have_the_published_schedule(name):
+  loss, lr, batch, epochs, decay, size = _PUBLISHED[name]
+  c = config_lib.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
+  assert c.loss.name == loss
+  assert c.optimizer.name == "sgd" and c.optimizer.momentum == 0.9
+  assert c.optimizer.weight_decay == 1e-4
+  assert c.optimizer.lr == lr and c.optimizer.lr_reference_batch_size == batch
+  assert c.train.batch_size == batch and c.train.num_epochs == epochs
+  assert tuple(c.optimizer.decay_epochs) == decay and c.optimizer.schedule == "step"
+  assert c.optimizer.warmup_steps == 500 and c.optimizer.warmup_ratio == 0.001
+  assert c.data.image_size == size and c.data.num_classes == 80
+  assert c.model.backbone == "resnet50"
+  assert c.train.ranking == "per_device"
+  if name.startswith("coco_atss"):
+    assert c.model.name == "atss" and tuple(c.model.anchor_ratios) == (1.0,)
+    assert c.model.scales_per_octave == 3
+  # Linear scaling rule: doubling the batch doubles the rate.
+  assert optim.peak_learning_rate(c.optimizer, 2 * batch) == pytest.approx(2 * lr)
+  assert optim.peak_learning_rate(c.optimizer, batch // 2) == pytest.approx(lr / 2)
+
+
+# -- overrides ----------------------------------------------------------------------------
+
+
+def test_overrides_are_typed_like_the_field():
+  c = _default()
+  config_lib.apply_overrides(c, [
+    ("train.num_steps", "12"), ("optimizer.lr", "3e-4"), ("train.plots", "false"),
+    ("optimizer.decay_steps", "5,9"), ("data.augment", "none"), ("loss.delta", "0.25"),
+    ("optimizer.decay_epochs", "(3, 4)"), ("data.image_size", "96"),
+  ])
+  assert c.train.num_steps == 12 and isinstance(c.train.num_steps, int)
+  assert c.optimizer.lr == 3e-4
+  assert c.train.plots is False
+  assert tuple(c.optimizer.decay_steps) == (5, 9)
+  assert tuple(c.optimizer.decay_epochs) == (3, 4)
+  assert c.loss.delta == 0.25
+  assert c.model.image_size == 96  # follows data.image_size
+
+
+@pytest.mark.parametrize("key,value,match", [
+  ("train.nope", "1", "unknown config key 'train.nope'"),
+  ("nosection.x", "1", "unknown config key 'nosection.x'"),
+  ("train", "1", "is a section"),
+  ("train.num_steps", "ten", "'train.num_steps': expected an integer"),
+  ("train.num_steps", "1.5", "'train.num_steps': expected an integer"),
+  ("optimizer.lr", "fast", "'optimizer.lr': expected a number"),
+  ("train.plots", "maybe", "'train.plots': expected a boolean"),
+  ("optimizer.decay_steps", "a,b", "'optimizer.decay_steps'"),
+])
+def test_bad_override_names_the_key(key, value, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.apply_override(_default(), key, value)
+
+
+@pytest.mark.parametrize("key,value,match", [
+  ("train.nan_policy", "explode", "'train.nan_policy': 'explode' is not one of"),
+  ("optimizer.name", "lion", "'optimizer.name'"),
+  ("data.source", "imagenet", "'data.source'"),
+  ("train.batch_size", "0", "'train.batch_size' must be > 0"),
+  ("optimizer.lr", "-1", "'optimizer.lr'"),
+  ("train.ranking", "sideways", "'train.ranking'"),
+  ("model.backbone", "resnet9", "model.backbone must be one of"),
+  ("loss.name", "hinge", "loss.name must be one of"),
+  ("loss.delta", "-1.0", "loss.delta must be"),
+])
+def test_invalid_values_are_rejected_by_validate(key, value, match):
+  c = _default()
+  config_lib.apply_override(c, key, value)
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(c)
+
+
+def test_cli_rejects_unknown_key_and_bad_value(capsys):
+  from jaxrank.train.__main__ import main
+
+  assert main(["--config.train.bogus=1"]) == 2
+  err = capsys.readouterr().err
+  assert "unknown config key 'train.bogus'" in err
+  assert main(["--config.train.num_steps=abc"]) == 2
+  assert "'train.num_steps': expected an integer" in capsys.readouterr().err
+  assert main(["--config.train.nan_policy=explode"]) == 2
+  assert "train.nan_policy" in capsys.readouterr().err
+  assert main(["--config", "configs/does_not_exist.py"]) == 2
+  assert "config file not found" in capsys.readouterr().err
+
+
+def test_cli_print_config(capsys):
+  from jaxrank.train.__main__ import main
+
+  assert main(["--config.train.num_steps", "7", "--print_config"]) == 0
+  out = capsys.readouterr().out
+  assert "num_steps: 7" in out and "rank_sort" in out
+
+
+def test_config_json_round_trip():
+  c = _default()
+  c2 = config_lib.from_dict(config_lib.to_dict(c.copy_and_resolve_references()))
+  config_lib.validate(c2)
+  assert config_lib.to_dict(c2) == config_lib.to_dict(c.copy_and_resolve_references())
+
+
+# -- optimiser and schedule ---------------------------------------------------------------
+
+
+def _opt(**fields):
+  c = config_lib.base_config().optimizer
+  for k, v in fields.items():
+    c[k] = v
+  return c
+
+
+def test_warmup_then_step_decay_follows_mmdet():
+  o = _opt(lr=0.01, warmup_steps=500, warmup_ratio=0.001, schedule="step", decay_epochs=(8, 11))
+  sched = optim.learning_rate_schedule(o, global_batch_size=16, total_steps=1200,
+                                       steps_per_epoch=100)
+  assert float(sched(0)) == pytest.approx(0.01 * 0.001, rel=1e-4)
+  assert float(sched(250)) == pytest.approx(0.01 * (1 - 0.999 * 0.5), rel=1e-5)
+  assert float(sched(500)) == pytest.approx(0.01)
+  assert float(sched(799)) == pytest.approx(0.01)
+  assert float(sched(800)) == pytest.approx(0.001, rel=1e-5)
+  assert float(sched(1100)) == pytest.approx(0.0001, rel=1e-5)
+
+
+def test_cosine_and_constant_schedules():
+  o = _opt(lr=1.0, warmup_steps=10, warmup_ratio=0.1, schedule="cosine", min_lr_ratio=0.0)
+  sched = optim.learning_rate_schedule(o, global_batch_size=1, total_steps=110, steps_per_epoch=1)
+  assert float(sched(0)) == pytest.approx(0.1, rel=1e-5)
+  assert float(sched(10)) == pytest.approx(1.0)
+  assert float(sched(60)) == pytest.approx(0.5, abs=1e-6)
+  assert float(sched(110)) == pytest.approx(0.0, abs=1e-6)
+  o = _opt(lr=0.5, warmup_steps=0, schedule="constant")
+  sched = optim.learning_rate_schedule(o, global_batch_size=1, total_steps=10, steps_per_epoch=1)
+  assert float(sched(0)) == float(sched(9)) == 0.5
+
+
+def test_sgd_weight_decay_matches_torch():
+  """torch.optim.SGD: g += wd * p; buf = m * buf + g; p -= lr * buf."""
+  o = _opt(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.01, warmup_steps=0,
+           schedule="constant")
+  tx, _ = optim.build_optimizer(o, global_batch_size=1, total_steps=10, steps_per_epoch=1)
+  p = {"w": jnp.array([1.0, -2.0])}
+  state = tx.init(p)
+  buf = np.zeros(2)
+  pn = np.array([1.0, -2.0])
+  for g in ([0.5, 0.5], [-1.0, 0.25]):
+    upd, state = tx.update({"w": jnp.array(g)}, state, p)
+    p = optax.apply_updates(p, upd)
+    buf = 0.9 * buf + (np.array(g) + 0.01 * pn)
+    pn = pn - 0.1 * buf
+    np.testing.assert_allclose(p["w"], pn, rtol=1e-6)
+
+
+def test_grad_clipping_and_adamw():
+  o = _opt(name="adamw", lr=0.1, warmup_steps=0, schedule="constant", grad_clip_norm=1.0,
+           weight_decay=0.0)
+  tx, _ = optim.build_optimizer(o, global_batch_size=1, total_steps=10, steps_per_epoch=1)
+  p = {"w": jnp.zeros(3)}
+  upd, _ = tx.update({"w": jnp.array([300.0, 400.0, 0.0])}, tx.init(p), p)
+  assert np.all(np.isfinite(np.asarray(upd["w"])))
+  # Adam's first step is lr * sign(g) whatever the clipping.
+  np.testing.assert_allclose(upd["w"][:2], [-0.1, -0.1], rtol=1e-4)
+
+
+def test_linear_scaling_rule():
+  o = _opt(lr=0.008, lr_reference_batch_size=16)
+  assert optim.peak_learning_rate(o, 16) == pytest.approx(0.008)
+  assert optim.peak_learning_rate(o, 64) == pytest.approx(0.032)
+  o = _opt(lr=0.008, lr_reference_batch_size=0)
+  assert optim.peak_learning_rate(o, 64) == pytest.approx(0.008)
+
+
+def test_presets_cover_every_recipe():
+  from jaxrank.models.recipes import LOSS_NAMES
+
+  for name in LOSS_NAMES:
+    assert os.path.isfile(os.path.join(REPO, "configs", f"synthetic_{name}.py"))
+    c = presets.synthetic_config(name)
+    config_lib.validate(c)
+  assert set(presets.COCO_RECIPES) == {k[len("coco_"):] for k in _PUBLISHED}
+  assert math.isfinite(presets.coco_config("atss_rs").optimizer.lr)
