@@ -4,7 +4,7 @@
   of every loss recipe in minutes.
 * :func:`coco_config`: the published COCO recipes (detector, anchors, loss, optimiser,
   schedule, batch, image size) from the reference implementations
-  (``/work/shared/spec/losses.md`` sections 2.5, 3.5 and 4.4).
+  (``../shared/spec/losses.md`` sections 2.5, 3.5 and 4.4).
 
 Linear scaling rule: published learning rates are given with the global batch they were
 tuned for (``optimizer.lr_reference_batch_size``); the trainer uses
