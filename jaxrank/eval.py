@@ -71,9 +71,7 @@ def main(argv=None) -> int:
   except config_lib.ConfigError as e:
     return cli.fail(PROG, str(e), 2)
   checkpoint_dir = args.checkpoint_dir or os.path.join(args.workdir, "checkpoints")
-  output_dir = args.output_dir
-  if output_dir is None and args.workdir is not None and args.checkpoint_dir is None:
-    output_dir = None  # default: <workdir>/eval/step_<N>
+  output_dir = args.output_dir  # default: <checkpoint_dir>/../eval/step_<N>
   cli.setup_logging()
 
   from jaxrank.data import CorruptImageError

@@ -95,6 +95,15 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
   # A fresh resume reads the new step 6.
   result = trainer.train(tiny_config(train__num_steps=6), workdir)
   assert result.metrics["resumed_from"] == 6 and result.metrics["steps_this_run"] == 0
+  # A partial step (its state item missing) is skipped too.
+  import shutil
+
+  shutil.rmtree(tmp_path / "checkpoints" / "6" / "state")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="jaxrank"):
+    result = trainer.train(tiny_config(train__num_steps=6), workdir)
+  assert "checkpoint step 6" in caplog.text and "falling back to step 4" in caplog.text
+  assert result.metrics["resumed_from"] == 4 and result.step == 6
 
 
 def test_resume_continues_the_uninterrupted_run(tmp_path):
