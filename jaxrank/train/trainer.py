@@ -20,9 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import math
 import os
 import signal
 import sys
