@@ -286,6 +286,7 @@ def iterate_batches(
   shard_count: int = 1,
   prefetch: int = 2,
   num_workers: int | None = None,
+  start_batch: int = 0,
 ) -> BatchIterator:
   """Batches of one epoch of this host's shard of ``dataset``.
 
@@ -301,6 +302,7 @@ def iterate_batches(
     shard_index, shard_count: this host's share.
     prefetch: batches built ahead in a background thread (0: none).
     num_workers: threads decoding and transforming examples (default: up to 4).
+    start_batch: skip the epoch's first batches (resuming mid-epoch gives the same batches).
   """
   mode = _augment_mode(augment)
   if mode not in transforms.AUGMENTATIONS:
@@ -316,7 +318,7 @@ def iterate_batches(
     drop_remainder=drop_remainder,
     shard_index=shard_index,
     shard_count=shard_count,
-  )
+  )[start_batch:]
   warned = threading.Event()
 
   def make_example(index: int) -> dict[str, np.ndarray]:

@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-
-import numpy as np
 
 from jaxrank.data import (
   BatchIterator,
   DetectionDataset,
-  epoch_batch_indices,
   iterate_batches,
   load_coco_folder,
   load_tfds_coco,
   num_batches,
-  padding_example,
-  prepare_example,
   synthetic_splits,
 )
 
@@ -103,39 +97,22 @@ def train_batches(
   by ``(data.seed, epoch)``, augmented with randomness from ``(data.seed, epoch, example)``,
   incomplete last batch dropped (the same batches as :func:`jaxrank.data.iterate_batches`
   with ``drop_remainder=True``)."""
-  rows = epoch_batch_indices(
-    len(dataset),
+  return iterate_batches(
+    dataset,
     batch_size=per_host_batch,
+    image_size=int(data_config.image_size),
+    max_boxes=int(data_config.max_boxes),
     shuffle=True,
     seed=int(data_config.seed),
     epoch=epoch,
+    augment=data_config.augment,
     drop_remainder=True,
     shard_index=shard_index,
     shard_count=shard_count,
-  )[start_batch:]
-  image_size, max_boxes = int(data_config.image_size), int(data_config.max_boxes)
-  mode = data_config.augment
-  seed = int(data_config.seed)
-  warned = threading.Event()
-
-  def make_example(index: int) -> dict[str, np.ndarray]:
-    if index < 0:
-      return padding_example(image_size, max_boxes)
-    rng = None
-    if mode != "none":
-      rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, epoch, index)))
-    example, truncated = prepare_example(
-      dataset.load(index), image_size=image_size, max_boxes=max_boxes, augment=mode, rng=rng
-    )
-    if truncated and not warned.is_set():
-      warned.set()
-      log.warning("image %d has more than data.max_boxes=%d boxes; keeping the largest",
-                  int(example["image_id"]), max_boxes)
-    return example
-
-  workers = int(data_config.num_workers) or min(4, os.cpu_count() or 1)
-  return BatchIterator(rows, make_example, prefetch=int(data_config.prefetch),
-                       num_workers=workers)
+    prefetch=int(data_config.prefetch),
+    num_workers=int(data_config.num_workers) or None,
+    start_batch=start_batch,
+  )
 
 
 def eval_batches(
