@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jaxrank.losses._common import Flat, Positives, finish, flatten, gather_positives
 from jaxrank.losses._ramp import make_thresholds, ramp_values, searchsorted, window_sums
 from jaxrank.losses._vjp import error_driven
-from jaxrank.losses.ranking import RS_EPS, RankingErrors, _per_entry, _sorting_part, _static
+from jaxrank.losses.ranking import RS_EPS, RankingErrors, _drop_errors, _per_entry, _sorting_part, _static
 
 
 def _buckets(flat: Flat, pos: Positives, delta: float):
@@ -86,8 +86,8 @@ def _brs_impl(static, logits, targets, where):
   return _bucketed_impl(static, logits, targets, where, sorting=True, name="bucketed_rank_sort_loss")
 
 
-_bap = error_driven(lambda *a: _bap_impl(*a)[:2], 2)
-_brs = error_driven(lambda *a: _brs_impl(*a)[:2], 2)
+_bap = error_driven(_drop_errors(_bap_impl), 2)
+_brs = error_driven(_drop_errors(_brs_impl), 2)
 
 ERRORS = {
     "bucketed_ap": (_bap_impl, 1.0, True),
