@@ -105,6 +105,9 @@ def test_recipe_jit_grad(name):
     expected = (metrics["box_loss"] + metrics2["box_loss"] + metrics["cls_loss"]
                 + metrics2["cls_loss"]) / (metrics["box_loss"] + metrics2["box_loss"])
     np.testing.assert_allclose(state2.weight, expected, rtol=1e-5)
+  elif name == "pap":
+    assert isinstance(new_state, losses.PAPParams)
+    jax.tree.map(np.testing.assert_array_equal, new_state, state)
   else:
     assert new_state == {}
 
@@ -184,6 +187,59 @@ def test_loss_config_errors_at_call_time():
     models.check_loss_config(loss_config("alrp", alrp_periods=3))
   with pytest.raises(ValueError, match="delta must be None"):
     models.check_loss_config(loss_config("focal_giou", delta=0.5))
+
+
+def test_pap_recipe_is_the_published_loss_with_scaled_box_gradient():
+  """PAP recipe == parameterized_ap_loss on the one-ranking targets with quality (GIoU + 1) / 2
+  of the decoded boxes; the searched gradient scale multiplies only the box-delta gradient."""
+  from jaxrank import ops
+  static = static_info("retinanet")
+  config = loss_config("pap")
+  state = models.init_loss_state(config)
+  np.testing.assert_allclose(state.grad_scale, losses.PRESETS["retinanet"].grad_scale, rtol=1e-6)
+  batch = make_batch()
+  outputs = make_outputs(static)
+  (loss, _), grads = loss_and_grad("pap")(outputs, batch, state)
+
+  anchors = jnp.asarray(static.anchors)
+  valid = jnp.asarray(batch["valid"])
+  gt_mask = jnp.asarray(batch["box_mask"]) & valid[:, None]
+  a = jax.vmap(functools.partial(ops.max_iou_assign, anchors))(jnp.asarray(batch["boxes"]), gt_mask)
+  positive = a.positive & valid[:, None]
+  a = a._replace(positive=positive, ignored=(a.ignored | ~valid[:, None]) & ~positive)
+  targets = jax.vmap(lambda x, l: ops.classification_targets(x, l, NUM_CLASSES))(
+      a, jnp.asarray(batch["labels"]))
+  matched = jnp.where(positive[..., None], jax.vmap(ops.box_targets)(a, jnp.asarray(batch["boxes"])),
+                      anchors)
+
+  def direct(outputs):
+    pred = static.decode(outputs.box_deltas)
+    quality = (1.0 + ops.aligned_giou(pred, matched)) / 2
+    where = jnp.broadcast_to(~a.ignored[..., None], targets.shape)
+    return losses.parameterized_ap_loss(outputs.class_logits, targets,
+                                        jnp.broadcast_to(quality[..., None], targets.shape), state,
+                                        where=where)
+
+  expected, expected_grads = jax.value_and_grad(direct)(outputs)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(grads.class_logits, expected_grads.class_logits, rtol=1e-4, atol=1e-9)
+  np.testing.assert_allclose(grads.box_deltas, state.grad_scale * expected_grads.box_deltas,
+                             rtol=1e-4, atol=1e-9)
+
+  theta = losses.theta_from_params(losses.PRESETS["identity"])
+  identity = models.init_loss_state(loss_config("pap", pap_theta=tuple(float(t) for t in theta)))
+  for got, want in zip(identity, losses.PRESETS["identity"]):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"pap_preset": "yolo"}, "pap_preset"), ({"pap_theta": (0.5,) * 40}, "pap_theta"),
+    ({"pap_theta": (1.5,) * 41}, "pap_theta"), ({"box_loss_weight": 1.0}, "box_loss_weight"),
+    ({"pap_top_k": 0}, "pap_top_k"), ({"delta": 1.0}, "delta must be None"),
+])
+def test_invalid_pap_config(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    models.check_loss_config(loss_config("pap", **overrides))
 
 
 def test_recipe_model_configs():

@@ -58,6 +58,7 @@ _PUBLISHED = {
   "coco_atss_rs": ("rank_sort", 0.008, 16, 12, (8, 11), 800),
   "coco_atss_brs": ("bucketed_rank_sort", 0.008, 16, 12, (8, 11), 800),
   "coco_atss_bap": ("bucketed_ap", 0.008, 16, 12, (8, 11), 800),
+  "coco_retinanet_pap": ("pap", 0.016, 64, 100, (60, 80), 512),
 }
 
 

@@ -111,22 +111,25 @@ def piecewise_linear(x, knots) -> Array:
   x = _clamp01(x.astype(dtype))
   knots = knots.astype(dtype)
   kx, ky = knots[..., 0::2], knots[..., 1::2]
+  rise = ky[..., 1:] - ky[..., :-1]
   width = kx[..., 1:] - kx[..., :-1]
   ok = width > 0
-  slope = jnp.where(ok, (ky[..., 1:] - ky[..., :-1]) / jnp.where(ok, width, 1.0), 0.0)  # [..., 5]
-  below = sum(jnp.where(x > kx[..., m], 1, 0) for m in range(1, NUM_KNOTS))  # x >= 0 = x_0
-  zeros = jnp.sum(jnp.where(kx[..., 1:] == 0, 1, 0), axis=-1)
-  # published: #{m : x_m < x} + #{m : x_m = 0}·[x = 0] - 1, for x_0 = 0
-  index = jnp.clip(below + jnp.where(x > kx[..., 0], 0, zeros), 0, NUM_KNOTS - 2)
-  shape = jnp.broadcast_shapes(x.shape, knots.shape[:-1])
-
-  def select(table):
-    if table.ndim == 1:
-      return table.at[index].get(mode="promise_in_bounds")
-    table = jnp.broadcast_to(table, shape + table.shape[-1:])
-    return jnp.take_along_axis(table, jnp.broadcast_to(index, shape)[..., None], axis=-1)[..., 0]
-
-  return select(ky[..., :-1]) + select(slope) * (x - select(kx[..., :-1]))
+  slope = jnp.where(ok, rise / jnp.where(ok, width, 1.0), 0.0)  # [..., 5]
+  # Sum of the segments' contributions (no gathers, so it vectorises): a passed segment adds
+  # its rise (also a zero-width one: a jump), the segment containing x its slope times the
+  # offset; the slope is taken on (x_k, x_{k+1}], i.e. the left segment at a knot. At x = 0
+  # the published code is left-closed: jumps at 0 count and the slope is that of the first
+  # segment of positive width (the extra zero-valued term gives that gradient).
+  value = ky[..., 0]
+  for k in range(NUM_KNOTS - 1):
+    left, right = kx[..., k], kx[..., k + 1]
+    passed = (x > right) | (right == 0)
+    inside = (x > left) & ~passed
+    value = value + jnp.where(passed, rise[..., k], jnp.where(inside, slope[..., k] * (x - left), 0.0))
+  zeros = jnp.sum(jnp.where(kx[..., 1:-1] == 0, 1, 0), axis=-1)
+  slope_at_zero = jnp.take_along_axis(slope, zeros[..., None], axis=-1)[..., 0]
+  knot_at_zero = jnp.take_along_axis(kx, zeros[..., None], axis=-1)[..., 0]  # = 0
+  return value + jnp.where(x == 0, slope_at_zero * (x - knot_at_zero), 0.0)
 
 
 # --------------------------------------------------------------------------------------------

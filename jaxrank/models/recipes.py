@@ -10,7 +10,14 @@
 ``rank_sort``          ATSS       ATSS      0.5    score-weighted GIoU mean (value ratio)
 ``bucketed_rank_sort`` ATSS       ATSS      0.5    score-weighted GIoU mean (value ratio)
 ``bucketed_ap``        ATSS       ATSS      1.0    score-weighted GIoU mean (2)
+``pap``                RetinaNet  max-IoU   -      inside PAP (quality (GIoU + 1) / 2)
 =====================  =========  ========  =====  =====================================
+
+``pap`` is Parameterized AP Loss as the only loss (spec 6.6): its functions come from
+``loss.pap_preset`` or ``loss.pap_theta`` (the 41 searched numbers) and live in the loss
+state (a :class:`jaxrank.losses.PAPParams` pytree), so a search can ``vmap`` a training step
+over them; the box deltas pass through :func:`jaxrank.losses.grad_scale` with the searched
+gradient scale before decoding.
 
 Classification targets use the one-ranking layout of :func:`jaxrank.ops.classification_targets`
 (``[B, A, C]``, ignored anchors' rows excluded); RS and bucketed RS write the IoU of each
@@ -30,6 +37,7 @@ import ml_collections
 from jax import lax
 
 from jaxrank import losses, ops
+from jaxrank.losses import parameterized
 from jaxrank.models.detector import DetectorOutputs, DetectorStatic, default_model_config
 
 ATSS_TOPK = 9
@@ -39,9 +47,9 @@ class Recipe(NamedTuple):
   """Published settings of one loss recipe."""
   detector: str
   assigner: str
-  cls_loss: str            # focal | ap | alrp | rank_sort | bucketed_rank_sort | bucketed_ap
+  cls_loss: str            # focal | ap | alrp | rank_sort | bucketed_rank_sort | bucketed_ap | pap
   delta: float | None
-  box_loss: str            # smooth_l1 | giou | weighted_giou | alrp
+  box_loss: str            # smooth_l1 | giou | weighted_giou | alrp | pap
   balance: str             # fixed | value_ratio | self_balance
   box_weight: float
   beta: float = 1.0
@@ -59,6 +67,7 @@ RECIPES = {
     "bucketed_rank_sort": Recipe("atss", "atss", "bucketed_rank_sort", 0.5, "weighted_giou",
                                  "value_ratio", 1.0),
     "bucketed_ap": Recipe("atss", "atss", "bucketed_ap", 1.0, "weighted_giou", "fixed", 2.0),
+    "pap": Recipe("retinanet", "max_iou", "pap", None, "pap", "fixed", 0.0),
 }
 LOSS_NAMES = tuple(RECIPES)
 ASSIGNERS = ("max_iou", "atss")
@@ -79,7 +88,10 @@ def default_loss_config(name: str = "focal_smooth_l1") -> ml_collections.ConfigD
   positives give a NaN loss); ``alrp_period`` (self-balance period in steps; 0 = one epoch, set
   by the trainer); ``alrp_initial_weight``; ``box_loss_weight`` (a number replaces the
   published balance by a fixed weight); ``ranking_groups`` (1 = one ranking over the batch;
-  G = G groups ranked separately, as G devices).
+  G = G groups ranked separately, as G devices); ``pap_preset`` (PAP: a name in
+  :data:`jaxrank.losses.PRESETS`, default 'retinanet'); ``pap_theta`` (PAP: 41 numbers in
+  [0, 1] as searched, see :func:`jaxrank.losses.params_from_theta`; replaces the preset);
+  ``pap_top_k`` (PAP: rows of the loss, the published 1e5).
   """
   if name not in RECIPES:
     raise ValueError(f"loss_config.name must be one of {LOSS_NAMES}, got {name!r}")
@@ -92,6 +104,9 @@ def default_loss_config(name: str = "focal_smooth_l1") -> ml_collections.ConfigD
       "alrp_initial_weight": 50.0,
       "box_loss_weight": None,
       "ranking_groups": 1,
+      "pap_preset": "retinanet",
+      "pap_theta": None,
+      "pap_top_k": 100_000,
   })
 
 
@@ -102,12 +117,12 @@ def recipe_model_config(name: str) -> ml_collections.ConfigDict:
   """The model config of the detector that recipe ``name`` was published with.
 
   RS-ATSS: 3 anchors per location; AP Loss RetinaNet: 6 (ratios 0.5/1/2, 2 scales); aLRP
-  RetinaNet: 2 (ratio 1, 2 scales); focal RetinaNet: 9.
+  RetinaNet: 2 (ratio 1, 2 scales); PAP RetinaNet: 6; focal RetinaNet: 9.
   """
   if name not in RECIPES:
     raise ValueError(f"loss_config.name must be one of {LOSS_NAMES}, got {name!r}")
   config = default_model_config(RECIPES[name].detector)
-  if name == "ap_smooth_l1":
+  if name in ("ap_smooth_l1", "pap"):
     config.scales_per_octave = 2
   elif name == "alrp":
     config.anchor_ratios = (1.0,)
@@ -124,6 +139,7 @@ class Resolved(NamedTuple):
   alrp_period: int
   fixed_weight: float | None
   groups: int
+  pap_top_k: int = 100_000
 
 
 def check_loss_config(loss_config) -> Resolved:
@@ -144,7 +160,7 @@ def check_loss_config(loss_config) -> Resolved:
   delta = recipe.delta
   if loss_config.delta is not None:
     if recipe.delta is None:
-      raise ValueError(f"loss_config.delta must be None for {name!r} (no ranking loss)")
+      raise ValueError(f"loss_config.delta must be None for {name!r} (it has no delta)")
     delta = _number(loss_config.delta, "delta")
     positive_only = recipe.cls_loss in ("ap", "alrp")
     if delta < 0 or (delta == 0 and positive_only):
@@ -161,7 +177,37 @@ def check_loss_config(loss_config) -> Resolved:
   elif recipe.balance == "fixed":
     fixed = recipe.box_weight
   groups = _count(loss_config.ranking_groups, "ranking_groups", 1)
-  return Resolved(name, recipe, assigner, delta, max_pos, period, fixed, groups)
+  top_k = _count(loss_config.pap_top_k, "pap_top_k", 1)
+  if recipe.cls_loss == "pap":
+    if loss_config.box_loss_weight is not None:
+      raise ValueError("loss_config.box_loss_weight must be None for 'pap' (PAP is the only "
+                       "loss; the box branch's gradient scale is part of the PAP parameters)")
+    pap_params(loss_config)
+  return Resolved(name, recipe, assigner, delta, max_pos, period, fixed, groups, top_k)
+
+
+def pap_params(loss_config) -> losses.PAPParams:
+  """The PAP functions of ``loss_config`` (``pap_theta`` if set, else ``pap_preset``) as
+  float32 arrays."""
+  theta = loss_config.pap_theta
+  if theta is not None:
+    try:
+      values = [float(v) for v in theta]
+    except (TypeError, ValueError):
+      raise ValueError(f"loss_config.pap_theta must be {parameterized.NUM_SEARCH_PARAMS} numbers in "
+                       f"[0, 1], got {theta!r}") from None
+    if (len(values) != parameterized.NUM_SEARCH_PARAMS
+        or not all(0.0 <= v <= 1.0 for v in values)):
+      raise ValueError(f"loss_config.pap_theta must be {parameterized.NUM_SEARCH_PARAMS} numbers in "
+                       f"[0, 1], got {len(values)} values {values}")
+    params = losses.params_from_theta(jnp.asarray(values, jnp.float32))
+  else:
+    preset = loss_config.pap_preset
+    if preset not in losses.PRESETS:
+      raise ValueError(f"loss_config.pap_preset must be one of {tuple(losses.PRESETS)}, got "
+                       f"{preset!r}")
+    params = losses.PRESETS[preset]
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
 def _number(value, field):
@@ -177,8 +223,11 @@ def _count(value, field, low):
 
 
 def init_loss_state(loss_config):
-  """aLRP's :class:`jaxrank.losses.SelfBalanceState`; an empty dict for the other recipes."""
+  """aLRP's :class:`jaxrank.losses.SelfBalanceState`, PAP's :class:`jaxrank.losses.PAPParams`
+  (constant during training); an empty dict for the other recipes."""
   resolved = check_loss_config(loss_config)
+  if resolved.recipe.cls_loss == "pap":
+    return pap_params(loss_config)
   if resolved.recipe.balance == "self_balance" and resolved.fixed_weight is None:
     return losses.alrp_self_balance_init(float(loss_config.alrp_initial_weight))
   return {}
@@ -212,6 +261,16 @@ def _group_loss(g, *, resolved: Resolved, static: DetectorStatic, anchors, slots
   metrics = {"num_positives": num_pos.astype(jnp.float32)}
 
   box_loss = None
+  if recipe.cls_loss == "pap":
+    giou = losses.giou_loss(g["pred_boxes"], g["target_boxes"])
+    quality = jnp.broadcast_to((1.0 - 0.5 * giou)[..., None], logits.shape)
+    loss = losses.parameterized_ap_loss(logits, targets, quality, g["pap_params"],
+                                        top_k=resolved.pap_top_k, where=where,
+                                        max_positives=max_positives)
+    box_loss = lax.stop_gradient(jnp.sum(jnp.where(positive, giou, 0.0)) / denom)
+    metrics.update(loss=loss, cls_loss=loss, box_loss=box_loss,
+                   box_weight=jnp.zeros((), jnp.float32))
+    return loss, metrics
   if recipe.cls_loss == "focal":
     cls_loss = jnp.sum(losses.sigmoid_focal_loss(logits, jnp.maximum(targets, 0.0), where=where))
     cls_loss = cls_loss / denom
@@ -252,6 +311,10 @@ def _group_loss(g, *, resolved: Resolved, static: DetectorStatic, anchors, slots
   return total, metrics
 
 
+def _with_pap_params(fn, params, g):
+  return fn({**g, "pap_params": params})
+
+
 def detection_loss(detector_static: DetectorStatic, outputs: DetectorOutputs, batch: dict,
                    loss_config, loss_state):
   """The training loss of one batch: ``(loss, (metrics, new_loss_state))``.
@@ -262,7 +325,8 @@ def detection_loss(detector_static: DetectorStatic, outputs: DetectorOutputs, ba
   ``cls_loss`` (the classification or ranking loss), ``box_loss`` (before weighting),
   ``box_weight``, ``num_positives`` (anchors, whole batch), ``ranking_loss`` and
   ``sorting_loss`` (RS, bucketed RS) and ``alrp_weight`` (aLRP). Values are means over
-  ranking groups, except ``num_positives``, a sum.
+  ranking groups, except ``num_positives``, a sum. PAP: ``loss = cls_loss`` is the PAP
+  loss, ``box_loss`` the mean GIoU loss of the positives (reported, not optimised).
   """
   resolved = check_loss_config(loss_config)
   static = detector_static
@@ -284,6 +348,11 @@ def detection_loss(detector_static: DetectorStatic, outputs: DetectorOutputs, ba
     if resolved.alrp_period < 1:
       raise ValueError("loss_config.alrp_period must be >= 1 (0 means one epoch: the trainer "
                        "sets it to the steps per epoch)")
+  is_pap = resolved.recipe.cls_loss == "pap"
+  if is_pap:
+    if not isinstance(loss_state, losses.PAPParams):
+      raise ValueError("PAP needs loss_state = init_loss_state(loss_config) (a PAPParams)")
+    deltas = losses.grad_scale(deltas, jnp.asarray(loss_state.grad_scale, jnp.float32))
 
   gt_boxes = jnp.asarray(batch["boxes"], jnp.float32)
   gt_labels = jnp.asarray(batch["labels"], jnp.int32)
@@ -315,6 +384,9 @@ def detection_loss(detector_static: DetectorStatic, outputs: DetectorOutputs, ba
   slots = _positive_slots(resolved, static, num_anchors, gt_boxes.shape[1])
   fn = functools.partial(_group_loss, resolved=resolved, static=static, anchors=anchors,
                          slots=slots, alrp_weight=alrp_weight)
+  if is_pap:
+    pap = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), loss_state)
+    fn = functools.partial(_with_pap_params, fn, pap)
   totals, group_metrics = jax.vmap(fn)(grouped)
   metrics = {k: (jnp.sum(v) if k == "num_positives" else jnp.mean(v))
              for k, v in group_metrics.items()}

@@ -122,8 +122,9 @@ def static_info(graphdef, state):
 # Steps.
 
 
-def make_train_step(graphdef, detector_static, loss_config, tx, mesh, *, donate: bool = True):
-  """Jitted ``step(state, batch) -> (state, metrics)``.
+def train_step_fn(graphdef, detector_static, loss_config, tx):
+  """The pure ``step(state, batch) -> (state, metrics)`` (not jitted; see
+  :func:`make_train_step`).
 
   ``state`` is ``{params, rest, opt_state, loss_state}``. ``metrics`` has ``loss``, the
   loss's own metrics, ``grad_norm`` and ``finite``; a non-finite loss or gradient norm
@@ -159,17 +160,24 @@ def make_train_step(graphdef, detector_static, loss_config, tx, mesh, *, donate:
     out.update(loss=jnp.asarray(loss, jnp.float32), grad_norm=grad_norm, finite=finite)
     return new_state, out
 
+  return step
+
+
+def make_train_step(graphdef, detector_static, loss_config, tx, mesh, *, donate: bool = True):
+  """Jitted :func:`train_step_fn` with the state replicated (and donated) and the batch
+  sharded over the ``'data'`` axis of ``mesh``."""
   repl = shard_lib.replicated(mesh)
   return jax.jit(
-    step,
+    train_step_fn(graphdef, detector_static, loss_config, tx),
     in_shardings=(repl, shard_lib.data_sharded(mesh)),
     out_shardings=(repl, repl),
     donate_argnums=(0,) if donate else (),
   )
 
 
-def make_eval_step(graphdef, eval_config, mesh):
-  """Jitted ``detect(params, rest, images) -> Detections`` (sharded like the images)."""
+def eval_step_fn(graphdef, eval_config):
+  """The pure ``detect(params, rest, images) -> {boxes, scores, classes, valid}`` with the
+  ``eval`` section's post-processing."""
 
   def detect(params, rest, images):
     model = nnx.merge(graphdef, params, rest)
@@ -183,8 +191,14 @@ def make_eval_step(graphdef, eval_config, mesh):
     return {"boxes": det.boxes, "scores": det.scores, "classes": det.classes,
             "valid": det.valid}
 
+  return detect
+
+
+def make_eval_step(graphdef, eval_config, mesh):
+  """Jitted :func:`eval_step_fn` (sharded like the images)."""
   repl, data = shard_lib.replicated(mesh), shard_lib.data_sharded(mesh)
-  return jax.jit(detect, in_shardings=(repl, repl, data), out_shardings=data)
+  return jax.jit(eval_step_fn(graphdef, eval_config), in_shardings=(repl, repl, data),
+                 out_shardings=data)
 
 
 def run_evaluation(
