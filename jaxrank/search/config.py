@@ -1,0 +1,141 @@
+"""Search configs: a trainer config (the proxy: model, loss, data, optimizer, train, eval)
+plus a ``search`` section. Config files for ``python -m jaxrank.search`` return one from
+``get_config()``; see ``configs/search_*.py``."""
+
+from __future__ import annotations
+
+from jaxrank.search import policy
+from jaxrank.train import config as config_lib
+from jaxrank.train.config import ConfigDict, ConfigError
+
+PARALLEL = ("auto", "vmap", "sequential")
+TARGETS = ("synthetic", "coco")
+
+
+def search_section() -> ConfigDict:
+  """The ``search`` fields with the published values (``tools/search.py``)."""
+  s = ConfigDict()
+  s.num_rounds = policy.NUM_ROUNDS  # T: sigma decays linearly to 0 over T rounds.
+  s.max_rounds = 0  # stop this invocation after this many more rounds (0: run until T).
+  s.num_samples = policy.NUM_SAMPLES  # sampled losses (proxy trainings) per round.
+  s.sigma0 = policy.SIGMA0
+  s.initial = "identity"  # start mean: a name in jaxrank.losses.PRESETS.
+  s.clip_eps = policy.CLIP_EPS
+  s.learning_rate = policy.LEARNING_RATE  # Adam on the policy mean, per round:
+  s.ppo_steps = policy.NUM_STEPS  # steps per round,
+  s.warmup_steps = policy.WARMUP_STEPS  # linear warmup, then linear decay.
+  s.seed = 0  # sampling (round t uses fold_in(key(seed), t)).
+  s.abort_after = 50  # a proxy with more non-finite or stuck (loss == 1) steps scores 0.
+  # Gradient scale of the box branch: 0 searches it (theta[40], 10^(2 theta - 1)); a
+  # positive value fixes it (the released search in effect kept reg_weight = 1).
+  s.fixed_grad_scale = 0.0
+  # 'vmap': the round's proxies as one vmapped computation, sharded over the local devices;
+  # 'sequential': one after another (the published way); 'auto': vmap on GPU/TPU,
+  # sequential on CPU (where vmap is slower, see README).
+  s.parallel = "auto"
+  s.target = "synthetic"  # trainer preset of the written config: 'synthetic' or 'coco'.
+  s.keep_checkpoints = 3
+  s.progress_bar = True
+  s.plots = True
+  return s
+
+
+def trainer_config(config: ConfigDict) -> ConfigDict:
+  """The proxy's trainer config (every section but ``search``)."""
+  c = ConfigDict()
+  for key, value in config.items():
+    if key != "search":
+      c[key] = value
+  return c.copy_and_resolve_references()
+
+
+def validate(config: ConfigDict) -> None:
+  """Raises :class:`ConfigError` naming the first invalid field."""
+  if "search" not in config or not isinstance(config.search, ConfigDict):
+    raise ConfigError("a search config needs the section 'search'")
+  expected = set(search_section().keys())
+  unknown = sorted(set(config.search.keys()) - expected)
+  if unknown:
+    raise ConfigError(f"unknown config key(s) {['search.' + k for k in unknown]}")
+  missing = sorted(expected - set(config.search.keys()))
+  if missing:
+    raise ConfigError(f"config lacks the key(s) {['search.' + k for k in missing]}")
+  s = config.search
+  for key in ("num_rounds", "num_samples", "ppo_steps", "keep_checkpoints"):
+    if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
+      raise ConfigError(f"config key 'search.{key}' must be an int >= 1, got {s[key]!r}")
+  for key in ("max_rounds", "warmup_steps", "abort_after", "seed"):
+    if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 0:
+      raise ConfigError(f"config key 'search.{key}' must be an int >= 0, got {s[key]!r}")
+  if s.num_samples < 2:
+    raise ConfigError("config key 'search.num_samples' must be >= 2 (advantages are "
+                      "rewards minus their mean)")
+  for key, low, high in (("sigma0", 0.0, 1.0), ("clip_eps", 0.0, 1.0), ("learning_rate", 0.0, 10.0)):
+    if not low < float(s[key]) <= high:
+      raise ConfigError(f"config key 'search.{key}' must be in ({low}, {high}], got {s[key]!r}")
+  if not (s.fixed_grad_scale == 0 or 0.1 <= s.fixed_grad_scale <= 10):
+    raise ConfigError("config key 'search.fixed_grad_scale' must be 0 (searched) or in "
+                      f"[0.1, 10], got {s.fixed_grad_scale!r}")
+  from jaxrank import losses
+  if s.initial not in losses.PRESETS or s.initial.startswith("faster_rcnn"):
+    names = [n for n in losses.PRESETS if not n.startswith("faster_rcnn")]
+    raise ConfigError(f"config key 'search.initial' must be one of {names}, got {s.initial!r}")
+  if s.parallel not in PARALLEL:
+    raise ConfigError(f"config key 'search.parallel': {s.parallel!r} is not one of {', '.join(PARALLEL)}")
+  if s.target not in TARGETS:
+    raise ConfigError(f"config key 'search.target': {s.target!r} is not one of {', '.join(TARGETS)}")
+  proxy = trainer_config(config)
+  config_lib.validate(proxy)
+  if proxy.loss.name != "pap":
+    raise ConfigError(f"config key 'loss.name' must be 'pap' for a search, got {proxy.loss.name!r}")
+
+
+def synthetic_search_config() -> ConfigDict:
+  """The search of ``configs/search_synthetic.py`` (see there)."""
+  from jaxrank.train import presets
+
+  c = presets.synthetic_config("pap", name="search_synthetic")
+  c.model.fpn_channels = 32
+  c.model.head_channels = 32
+  c.loss.pap_preset = "identity"
+  c.loss.max_positives_per_image = 48
+  c.loss.pap_top_k = 1000
+  c.data.image_size = 64
+  c.data.num_train = 512
+  c.data.num_val = 128
+  c.data.max_objects = 4
+  c.data.min_object_size = 8
+  c.data.max_boxes = 8
+  c.optimizer.warmup_steps = 30
+  c.optimizer.schedule = "constant"  # the published proxy has no decay
+  c.train.num_steps = 250
+  c.train.checkpoint_every = 0
+  c.train.plots = False
+  c.eval.batch_size = 64
+  c.search = search_section()
+  c.search.num_rounds = 6
+  c.search.target = "synthetic"
+  return c
+
+
+def coco_search_config() -> ConfigDict:
+  """The published RetinaNet search (``search_configs``; spec 6.4)."""
+  from jaxrank.train import presets
+
+  c = presets.coco_config("retinanet_pap")
+  c.name = "search_coco_retinanet"
+  c.loss.pap_preset = "identity"
+  c.data.train_images = "data/coco/train2017"
+  c.data.train_annotations = "data/coco/annotations/search_train.json"
+  c.data.val_images = "data/coco/train2017"
+  c.data.val_annotations = "data/coco/annotations/search_val.json"
+  c.optimizer.lr = 0.016
+  c.optimizer.lr_reference_batch_size = 64
+  c.optimizer.schedule = "constant"
+  c.train.batch_size = 64
+  c.train.num_epochs = 1
+  c.train.num_steps = 0
+  c.train.plots = False
+  c.search = search_section()
+  c.search.target = "coco"
+  return c

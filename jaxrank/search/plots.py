@@ -1,0 +1,72 @@
+"""``search.png``: rewards per round, the policy mean of every searched number per round, and
+the five PAP functions of the current mean against the identity start."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxrank.losses import parameterized
+from jaxrank.train.plots import _pyplot, _save
+
+_COLORS = {"h1": "tab:blue", "h2": "tab:orange", "i1": "tab:green", "i2": "tab:red", "i3": "tab:purple"}
+
+
+def _knots(theta: np.ndarray) -> dict[str, np.ndarray]:
+  params = parameterized.params_from_theta(np.asarray(theta, np.float32))
+  return {name: np.asarray(getattr(params, name)) for name in parameterized.FUNCTION_ORDER}
+
+
+def plot_search(history: Sequence[Mapping[str, Any]], path: str) -> str | None:
+  if not history:
+    return None
+  plt = _pyplot()
+  rounds = np.array([h["round"] for h in history])
+  fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+
+  ax = axes[0]
+  for h in history:
+    r = np.asarray(h["rewards"], float)
+    ax.scatter(np.full(r.shape, h["round"]), r, s=12, c="0.6", zorder=1)
+  ax.plot(rounds, [h["mean_reward"] for h in history], "o-", label="mean of the round", zorder=2)
+  ax.plot(rounds, [h["best_reward"] for h in history], "s--", label="best so far", zorder=2)
+  ax.set_xlabel("round")
+  ax.set_ylabel("reward (COCO AP, held-out split)")
+  ax.set_title("rewards")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+
+  ax = axes[1]
+  means = np.array([h["mean_theta"] for h in history])
+  n = parameterized.NUM_THETA
+  for m, name in enumerate(parameterized.FUNCTION_ORDER):
+    for j in range(n):
+      ax.plot(rounds, means[:, n * m + j], color=_COLORS[name], lw=1, alpha=0.8,
+              label=f"f_{name.upper()}" if j == 0 else None)
+  ax.plot(rounds, means[:, -1], color="k", lw=2, label="grad scale")
+  ax.plot(rounds, [h["sigma"] for h in history], color="k", ls=":", label="sigma")
+  ax.set_ylim(0, 1)
+  ax.set_xlabel("round")
+  ax.set_ylabel("policy mean of theta")
+  ax.set_title("parameters")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+
+  ax = axes[2]
+  x = np.linspace(0, 1, 201, dtype=np.float32)
+  knots = _knots(means[-1])
+  for name in parameterized.FUNCTION_ORDER:
+    y = np.asarray(parameterized.piecewise_linear(x, knots[name]))
+    ax.plot(x, y, color=_COLORS[name], label=f"f_{name.upper()}")
+  ax.plot(x, x, color="0.5", ls="--", lw=1, label="identity")
+  scale = float(parameterized.reg_weight_from_theta(means[-1][-1]))
+  ax.set_title(f"functions after round {int(rounds[-1])} (grad scale {scale:.3g})")
+  ax.set_xlabel("x")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = _save(fig, path)
+  plt.close(fig)
+  return path
