@@ -160,3 +160,23 @@ def test_tfds_import_error_names_extra():
       load_tfds_coco("validation")
   else:
     pytest.skip("tensorflow_datasets is installed")
+
+
+def test_tfds_coco_with_mock_data():
+  """The TFDS path on ``tfds.testing.mock_data`` (needs the [coco] extra and TensorFlow;
+  skipped without them)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("tensorflow")
+  with tfds.testing.mock_data(num_examples=3):
+    dataset = load_tfds_coco("validation")
+  assert len(dataset) == 3
+  assert len(dataset.coco["categories"]) == 80 and dataset.num_classes == 80
+  for i in range(len(dataset)):
+    example = dataset.load(i)
+    h, w = example["image"].shape[:2]
+    boxes = example["boxes"]
+    assert boxes.ndim == 2 and boxes.shape[1] == 4
+    assert np.all(boxes[:, 2] > boxes[:, 0]) and np.all(boxes[:, 3] > boxes[:, 1])
+    assert np.all(boxes >= -1e-3) and np.all(boxes[:, [0, 2]] <= w + 1e-3)
+    assert np.all(boxes[:, [1, 3]] <= h + 1e-3)
+    assert np.all((example["labels"] >= 0) & (example["labels"] < 80))

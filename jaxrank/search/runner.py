@@ -53,7 +53,7 @@ class SearchResult:
 
 def initial_theta(search) -> np.ndarray:
   """The start mean ``[41]`` from ``search.initial`` (and ``search.fixed_grad_scale``)."""
-  theta = np.asarray(losses.theta_from_params(losses.PRESETS[search.initial]), np.float32)
+  theta = np.array(losses.theta_from_params(losses.PRESETS[search.initial]), np.float32)
   if search.fixed_grad_scale:
     theta[-1] = float(losses.theta_from_reg_weight(float(search.fixed_grad_scale)))
   return theta
@@ -208,7 +208,7 @@ def search(config, workdir: str, *, proxy: Proxy | None = None, progress: bool |
 
 def _write_outputs(workdir, config_path, state, history, s, *, plots: bool) -> None:
   log_lib.write_json(os.path.join(workdir, "history.json"), history)
-  theta = np.asarray(policy.policy_mean(state))
+  theta = np.array(policy.policy_mean(state))
   if s.fixed_grad_scale:
     theta[-1] = float(losses.theta_from_reg_weight(float(s.fixed_grad_scale)))
   write_result_config(config_path, theta, target=s.target, round_=int(state.round),

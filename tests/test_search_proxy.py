@@ -1,0 +1,29 @@
+"""Proxy trainings: vmapped over the loss parameters == one after another."""
+
+import numpy as np
+import pytest
+
+from jaxrank import losses
+from jaxrank.search import config as search_config
+from jaxrank.search import proxy as proxy_lib, runner
+
+
+@pytest.mark.slow
+def test_vmapped_proxies_equal_sequential_ones():
+  c = search_config.synthetic_search_config()
+  c.train.num_steps = 3
+  c.data.num_train = 16
+  c.data.num_val = 8
+  c.data.image_size = 48
+  proxy = proxy_lib.ProxyTrainer(search_config.trainer_config(c))
+  thetas = np.stack([np.asarray(losses.theta_from_params(losses.PRESETS[name]))
+                     for name in ("identity", "retinanet")])
+  params = runner.loss_params(thetas, c.search)
+  together = proxy.run(params, sequential=False, progress=False)
+  apart = proxy.run(params, sequential=True, progress=False)
+  np.testing.assert_allclose(together.final_loss, apart.final_loss, rtol=1e-4)
+  np.testing.assert_allclose(together.rewards, apart.rewards, atol=2e-3)
+  assert together.rewards.shape == (2,) and not together.failed.any()
+  assert np.all(together.bad_steps == apart.bad_steps)
+  # The two losses train differently.
+  assert abs(together.final_loss[0] - together.final_loss[1]) > 1e-3
