@@ -163,20 +163,47 @@ def test_tfds_import_error_names_extra():
 
 
 def test_tfds_coco_with_mock_data():
-  """The TFDS path on ``tfds.testing.mock_data`` (needs the [coco] extra and TensorFlow;
-  skipped without them)."""
+  """The TFDS path on ``tfds.testing.mock_data`` with known examples (needs the [coco] extra
+  and TensorFlow; skipped without them): boxes from normalised yxyx to pixels, labels,
+  official category ids, crowd boxes kept for evaluation only, empty boxes dropped."""
   tfds = pytest.importorskip("tensorflow_datasets")
-  pytest.importorskip("tensorflow")
-  with tfds.testing.mock_data(num_examples=3):
+  tf = pytest.importorskip("tensorflow")
+  import io
+
+  def jpeg(w, h):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), 120, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+  examples = [
+      {"image": jpeg(40, 30), "image/id": 7,
+       "objects": {"bbox": np.array([[0.1, 0.25, 0.5, 0.75], [0.0, 0.0, 1.0, 1.0], [0.2, 0.2, 0.2, 0.3]],
+                                    np.float32),
+                   "label": np.array([0, 79, 3], np.int64), "is_crowd": np.array([False, True, False]),
+                   "area": np.array([120.0, 1200.0, 0.0], np.float32)}},
+      {"image": jpeg(20, 50), "image/id": 9,
+       "objects": {"bbox": np.zeros((0, 4), np.float32), "label": np.zeros((0,), np.int64),
+                   "is_crowd": np.zeros((0,), bool), "area": np.zeros((0,), np.float32)}},
+  ]
+  signature = {"image": tf.TensorSpec((), tf.string), "image/id": tf.TensorSpec((), tf.int64),
+               "objects": {"bbox": tf.TensorSpec((None, 4), tf.float32),
+                           "label": tf.TensorSpec((None,), tf.int64),
+                           "is_crowd": tf.TensorSpec((None,), tf.bool),
+                           "area": tf.TensorSpec((None,), tf.float32)}}
+
+  def as_dataset(self, *args, **kwargs):
+    return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=signature)
+
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
     dataset = load_tfds_coco("validation")
-  assert len(dataset) == 3
-  assert len(dataset.coco["categories"]) == 80 and dataset.num_classes == 80
-  for i in range(len(dataset)):
-    example = dataset.load(i)
-    h, w = example["image"].shape[:2]
-    boxes = example["boxes"]
-    assert boxes.ndim == 2 and boxes.shape[1] == 4
-    assert np.all(boxes[:, 2] > boxes[:, 0]) and np.all(boxes[:, 3] > boxes[:, 1])
-    assert np.all(boxes >= -1e-3) and np.all(boxes[:, [0, 2]] <= w + 1e-3)
-    assert np.all(boxes[:, [1, 3]] <= h + 1e-3)
-    assert np.all((example["labels"] >= 0) & (example["labels"] < 80))
+  assert len(dataset) == 2 and dataset.num_classes == 80
+  assert len(dataset.coco["categories"]) == 80
+  first = dataset.load(0)
+  assert first["image"].shape == (30, 40, 3) and first["image_id"] == 7
+  np.testing.assert_allclose(first["boxes"], [[10, 3, 30, 15]], atol=1e-4)  # crowd and empty dropped
+  np.testing.assert_array_equal(first["labels"], [0])
+  anns = [a for a in dataset.coco["annotations"] if a["image_id"] == 7]
+  assert sorted(a["category_id"] for a in anns) == [1, 90]  # crowd kept for evaluation
+  assert [a["iscrowd"] for a in sorted(anns, key=lambda a: a["category_id"])] == [0, 1]
+  second = dataset.load(1)
+  assert second["image"].shape == (50, 20, 3) and second["boxes"].shape == (0, 4)
