@@ -1,8 +1,11 @@
 """Search of the Parameterized AP Loss functions (Tao et al., NeurIPS 2021).
 
 :mod:`jaxrank.search.policy` holds the truncated-normal policy and its PPO-style update; the
-parameter vector maps to loss functions with :func:`jaxrank.losses.params_from_theta`. Uses
-``optax``.
+parameter vector maps to loss functions with :func:`jaxrank.losses.params_from_theta`.
+:mod:`jaxrank.search.proxy` trains the proxies of a round (vmapped over the loss parameters, or
+one after another), :mod:`jaxrank.search.runner` is the loop with per-round checkpoints and
+outputs, and ``python -m jaxrank.search`` its command line. The policy needs ``optax``; the
+proxies need the ``[train]`` extra.
 """
 
 from jaxrank.search.policy import (SearchState, init_search_state, log_prob, lr_schedule, policy_mean,
