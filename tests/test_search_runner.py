@@ -148,3 +148,18 @@ def test_search_command_line_one_round(tmp_path):
   bad = subprocess.run(args[:5] + ["--config.search.num_sampels=3"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "num_sampels" in bad.stderr
+
+
+def test_resume_with_a_changed_config_warns(tmp_path, caplog, monkeypatch):
+  import logging
+  monkeypatch.setattr(logging.getLogger("jaxrank"), "propagate", True)
+  workdir = str(tmp_path / "s")
+  runner.search(small_config(num_rounds=3, max_rounds=1), workdir, proxy=FakeProxy())
+  with caplog.at_level(logging.WARNING, logger="jaxrank.search"):
+    runner.search(small_config(num_rounds=3, max_rounds=1), workdir, proxy=FakeProxy())
+  assert not [r for r in caplog.records if "differs" in r.getMessage()]
+  config = small_config(num_rounds=3, max_rounds=1)
+  config.train.num_steps = 99
+  with caplog.at_level(logging.WARNING, logger="jaxrank.search"):
+    runner.search(config, workdir, proxy=FakeProxy())
+  assert any("train.num_steps" in r.getMessage() for r in caplog.records)

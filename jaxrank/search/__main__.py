@@ -38,7 +38,8 @@ def main(argv=None) -> int:
       prog=PROG, description="Search Parameterized AP Loss functions with proxy trainings. "
                              "Overrides: --config.SECTION.FIELD=VALUE (e.g. --config.search.max_rounds=2).",
       epilog="Sections: search, and the proxy's model, loss, data, optimizer, train, eval.")
-  parser.add_argument("--config", default=DEFAULT_CONFIG, help="search config file (FILE or FILE:ARG)")
+  parser.add_argument("--config", default=None,
+                      help=f"search config file (FILE or FILE:ARG); default {DEFAULT_CONFIG}")
   parser.add_argument("--workdir", default=None,
                       help="search folder; resumes from its checkpoints (default runs/search-<time>)")
   parser.add_argument("--print_config", action="store_true")
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
   from jaxrank.search import config as search_config
 
   try:
-    config = cli.load_config(args.config, overrides)
+    config = cli.load_config(args.config, overrides, default=DEFAULT_CONFIG)
     if args.no_progress:
       config.search.progress_bar = False
     search_config.validate(config)

@@ -146,6 +146,7 @@ def search(config, workdir: str, *, proxy: Proxy | None = None, progress: bool |
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   progress = bool(s.progress_bar) if progress is None else progress
+  _warn_if_config_changed(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
   log_lib.write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
   if proxy is None:
     from jaxrank.search.proxy import ProxyTrainer
@@ -204,6 +205,37 @@ def search(config, workdir: str, *, proxy: Proxy | None = None, progress: bool |
     _write_outputs(workdir, config_path, state, history, s, plots=bool(s.plots))
   return SearchResult(workdir=workdir, state=state, history=history,
                       theta=np.asarray(policy.policy_mean(state)), config_path=config_path)
+
+
+#: Fields that may change between invocations of one search without changing its meaning.
+_RUN_FIELDS = ("search.max_rounds", "search.progress_bar", "search.plots", "train.progress_bar")
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _warn_if_config_changed(path: str, config: dict[str, Any]) -> None:
+  """A resumed search whose config differs from the saved one mixes two searches: warn,
+  naming the fields."""
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    saved = _flat(json.load(f))
+  current = _flat(json.loads(json.dumps(config)))
+  changed = sorted(k for k in set(saved) | set(current)
+                   if k not in _RUN_FIELDS and saved.get(k) != current.get(k))
+  if changed:
+    log.warning("the config differs from the one this search was started with in %s; the "
+                "rounds before and after the change are not comparable (use another --workdir "
+                "for a new search)", ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})"
+                                               for k in changed[:10]))
 
 
 def _write_outputs(workdir, config_path, state, history, s, *, plots: bool) -> None:

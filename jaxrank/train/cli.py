@@ -52,21 +52,23 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--process_id", type=int, default=None)
 
 
-def find_default_config() -> str:
-  """``configs/default.py`` of the current directory or of the source checkout."""
-  if os.path.isfile(DEFAULT_CONFIG):
-    return DEFAULT_CONFIG
+def find_default_config(default: str = DEFAULT_CONFIG) -> str:
+  """``default`` (a path relative to the repository root) from the current directory or from
+  the source checkout."""
+  if os.path.isfile(default):
+    return default
   here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  candidate = os.path.join(here, DEFAULT_CONFIG)
+  candidate = os.path.join(here, default)
   if os.path.isfile(candidate):
     return candidate
   raise config_lib.ConfigError(
-    f"no --config given and {DEFAULT_CONFIG} not found (run from the repository root)"
+    f"no --config given and {default} not found (run from the repository root)"
   )
 
 
-def load_config(spec: str | None, overrides: Sequence[tuple[str, str]]):
-  config = config_lib.load_config_file(spec or find_default_config())
+def load_config(spec: str | None, overrides: Sequence[tuple[str, str]], *,
+                default: str = DEFAULT_CONFIG):
+  config = config_lib.load_config_file(spec or find_default_config(default))
   config_lib.apply_overrides(config, overrides)
   return config
 
