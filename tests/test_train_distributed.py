@@ -122,3 +122,22 @@ def test_two_processes_give_the_one_process_result(tmp_path, jax_cache):
   assert checkpoint_steps(multi) == [2, 4]
   assert_states_equal(load_state(single, 4), load_state(multi, 4), rtol=2e-4, atol=2e-6,
                       prefix="[")
+
+
+def test_fsdp_parameters_train_like_replicated_ones(tmp_path, jax_cache):
+  """8 devices with parameters and optimiser state split over 'data' (train.param_sharding
+  = 'fsdp') give the 1-device replicated run; the checkpoint restores on one device."""
+  from jaxrank.train import trainer
+
+  single = str(tmp_path / "single")
+  trainer.train(tiny_config(train__num_steps=2, train__checkpoint_every=2), single)
+  fsdp = str(tmp_path / "fsdp")
+  proc = subprocess.run(
+    train_cmd("--workdir", fsdp, "--no_progress",
+              *tiny_overrides(train__num_steps=2, train__checkpoint_every=2,
+                              train__param_sharding="fsdp")),
+    cwd=REPO, env=env(devices=8), capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "fsdp:" in proc.stderr and "split over 8 devices" in proc.stderr
+  assert " 0 of " not in proc.stderr
+  assert_states_equal(load_state(single, 2), load_state(fsdp, 2), rtol=2e-4, atol=2e-6, prefix="[")

@@ -126,6 +126,9 @@ def base_config() -> ConfigDict:
   # 'global': one ranking over the whole global batch; 'per_device': one per device (the
   # published per-GPU rankings; sets loss.ranking_groups to the number of devices).
   c.train.ranking = "global"
+  # 'replicated' parameters and optimiser state on every device, or 'fsdp': large arrays
+  # split over the 'data' axis (less memory per device; XLA gathers them per step).
+  c.train.param_sharding = "replicated"
   c.train.progress_bar = True
   c.train.plots = True
 
@@ -324,6 +327,7 @@ CHOICES = {
   "optimizer.schedule": ("step", "cosine", "constant"),
   "train.nan_policy": ("skip", "stop"),
   "train.ranking": ("global", "per_device"),
+  "train.param_sharding": ("replicated", "fsdp"),
 }
 
 POSITIVE = (

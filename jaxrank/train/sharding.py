@@ -1,7 +1,9 @@
 """Data-parallel sharding: one mesh axis ``'data'`` over every device of every host.
 
-Parameters, optimiser and loss state are replicated; a global batch is sharded along its
-first axis. Each host loads only its share of the data (``shard_index =
+Parameters, optimiser and loss state are replicated, or with ``train.param_sharding='fsdp'``
+every large parameter and optimiser array is split along one of its axes over ``'data'``
+(XLA gathers it where a computation needs it); a global batch is sharded along its first
+axis. Each host loads only its share of the data (``shard_index =
 jax.process_index()``, ``shard_count = jax.process_count()``) and the global array is
 assembled from the per-host arrays with :func:`jax.make_array_from_process_local_data`.
 """
@@ -77,6 +79,32 @@ def make_mesh(devices: Any = None) -> Mesh:
   """1-D mesh ``('data',)`` over ``devices`` (default: all devices of all hosts)."""
   devices = np.asarray(jax.devices() if devices is None else devices).reshape(-1)
   return Mesh(devices, (DATA_AXIS,))
+
+
+PARAM_SHARDINGS = ("replicated", "fsdp")
+#: Arrays with fewer elements stay replicated under 'fsdp'.
+FSDP_MIN_SIZE = 1 << 14
+
+
+def leaf_sharding(x: Any, mesh: Mesh, mode: str = "replicated") -> NamedSharding:
+  """Replicated, or for ``mode='fsdp'`` and an array of at least :data:`FSDP_MIN_SIZE`
+  elements, split over ``'data'`` along its largest axis divisible by the axis size."""
+  if mode not in PARAM_SHARDINGS:
+    raise ValueError(f"param sharding must be one of {PARAM_SHARDINGS}, got {mode!r}")
+  shape = tuple(getattr(x, "shape", ()))
+  n = mesh.shape[DATA_AXIS]
+  if mode == "fsdp" and n > 1 and shape and int(np.prod(shape)) >= FSDP_MIN_SIZE:
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+      if shape[dim] % n == 0:
+        spec = [None] * len(shape)
+        spec[dim] = DATA_AXIS
+        return NamedSharding(mesh, P(*spec))
+  return replicated(mesh)
+
+
+def state_shardings(tree: Any, mesh: Mesh, mode: str = "replicated") -> Any:
+  """:func:`leaf_sharding` of every leaf of ``tree`` (arrays or ``ShapeDtypeStruct``)."""
+  return jax.tree.map(lambda x: leaf_sharding(x, mesh, mode), tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -79,11 +79,16 @@ def split_model(model) -> tuple[Any, Any, Any]:
   return nnx.split(model, nnx.Param, ...)
 
 
-def init_state(config, mesh) -> tuple[Any, dict[str, Any]]:
-  """``graphdef`` and the replicated initial ``{params, rest, loss_state}``.
+def _param_sharding(config) -> str:
+  return str(config.train.get("param_sharding", "replicated"))
 
-  Initialised under ``jax.jit`` straight into the replicated sharding, unless
-  ``model.pretrained`` names a weights file (read on the host, then replicated).
+
+def init_state(config, mesh) -> tuple[Any, dict[str, Any]]:
+  """``graphdef`` and the initial ``{params, rest, loss_state}``, replicated (or split with
+  ``train.param_sharding='fsdp'``, see :func:`jaxrank.train.sharding.leaf_sharding`).
+
+  Initialised under ``jax.jit`` straight into its sharding, unless ``model.pretrained``
+  names a weights file (read on the host, then placed).
   """
   _, recipes = _models()
 
@@ -93,14 +98,15 @@ def init_state(config, mesh) -> tuple[Any, dict[str, Any]]:
     return {"params": params, "rest": rest, "loss_state": recipes.init_loss_state(config.loss)}
 
   graphdef, _, _ = split_model(nnx.eval_shape(lambda: build_model(config.model, config.train.seed)))
+  shardings = shard_lib.state_shardings(jax.eval_shape(init), mesh, _param_sharding(config))
   if config.model.get("pretrained"):
-    return graphdef, shard_lib.replicate(init(), mesh)
-  return graphdef, jax.jit(init, out_shardings=shard_lib.replicated(mesh))()
+    return graphdef, jax.device_put(shard_lib.replicate(init(), mesh), shardings)
+  return graphdef, jax.jit(init, out_shardings=shardings)()
 
 
 def abstract_state(config, tx, mesh) -> tuple[Any, dict[str, Any]]:
-  """``graphdef`` and the abstract training state (shapes, dtypes, replicated
-  shardings) without materialising parameters (``jax.eval_shape``)."""
+  """``graphdef`` and the abstract training state (shapes, dtypes, shardings) without
+  materialising parameters (``jax.eval_shape``)."""
   _, recipes = _models()
   abs_model = nnx.eval_shape(lambda: build_model(config.model, config.train.seed))
   graphdef, params, rest = split_model(abs_model)
@@ -110,7 +116,16 @@ def abstract_state(config, tx, mesh) -> tuple[Any, dict[str, Any]]:
 
   opt_state, loss_state = jax.eval_shape(init_rest)
   state = {"params": params, "rest": rest, "opt_state": opt_state, "loss_state": loss_state}
-  return graphdef, shard_lib.abstract_like(state, shard_lib.replicated(mesh))
+  mode = _param_sharding(config)
+  return graphdef, jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard_lib.leaf_sharding(x, mesh, mode)),
+    state)
+
+
+def init_opt_state(tx, params, mesh, mode: str = "replicated"):
+  """``tx.init(params)`` placed like :func:`init_state`'s parameters."""
+  shardings = shard_lib.state_shardings(jax.eval_shape(tx.init, params), mesh, mode)
+  return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
 def static_info(graphdef, state):
@@ -163,14 +178,17 @@ def train_step_fn(graphdef, detector_static, loss_config, tx):
   return step
 
 
-def make_train_step(graphdef, detector_static, loss_config, tx, mesh, *, donate: bool = True):
-  """Jitted :func:`train_step_fn` with the state replicated (and donated) and the batch
-  sharded over the ``'data'`` axis of ``mesh``."""
+def make_train_step(graphdef, detector_static, loss_config, tx, mesh, *, donate: bool = True,
+                    state_shardings: Any = None):
+  """Jitted :func:`train_step_fn` with the state replicated (or placed by
+  ``state_shardings``, a matching tree of shardings) and donated, and the batch sharded over
+  the ``'data'`` axis of ``mesh``."""
   repl = shard_lib.replicated(mesh)
+  state_sh = repl if state_shardings is None else state_shardings
   return jax.jit(
     train_step_fn(graphdef, detector_static, loss_config, tx),
-    in_shardings=(repl, shard_lib.data_sharded(mesh)),
-    out_shardings=(repl, repl),
+    in_shardings=(state_sh, shard_lib.data_sharded(mesh)),
+    out_shardings=(state_sh, repl),
     donate_argnums=(0,) if donate else (),
   )
 
@@ -194,10 +212,14 @@ def eval_step_fn(graphdef, eval_config):
   return detect
 
 
-def make_eval_step(graphdef, eval_config, mesh):
-  """Jitted :func:`eval_step_fn` (sharded like the images)."""
+def make_eval_step(graphdef, eval_config, mesh, *, param_shardings: Any = None,
+                   rest_shardings: Any = None):
+  """Jitted :func:`eval_step_fn` (sharded like the images; parameters replicated unless
+  shardings are given)."""
   repl, data = shard_lib.replicated(mesh), shard_lib.data_sharded(mesh)
-  return jax.jit(eval_step_fn(graphdef, eval_config), in_shardings=(repl, repl, data),
+  params_sh = repl if param_shardings is None else param_shardings
+  rest_sh = repl if rest_shardings is None else rest_shardings
+  return jax.jit(eval_step_fn(graphdef, eval_config), in_shardings=(params_sh, rest_sh, data),
                  out_shardings=data)
 
 
@@ -402,12 +424,21 @@ def train(config, workdir: str | None = None) -> TrainResult:
   else:
     start_step = 0
     graphdef, init = init_state(config, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=shard_lib.replicated(mesh))(init["params"])
+    opt_state = init_opt_state(tx, init["params"], mesh, _param_sharding(config))
     state = {**init, "opt_state": opt_state}
 
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  if _param_sharding(config) == "fsdp":
+    split = [x for x in jax.tree.leaves(abstract["params"]) if not x.sharding.is_fully_replicated]
+    log.info("fsdp: %d of %d parameter arrays (%.1f%% of the parameters) split over %d devices",
+             len(split), len(jax.tree.leaves(abstract["params"])),
+             100.0 * sum(x.size for x in split)
+             / max(1, sum(x.size for x in jax.tree.leaves(abstract["params"]))), mesh.devices.size)
   detector_static = static_info(graphdef, state)
-  train_step = make_train_step(graphdef, detector_static, config.loss, tx, mesh)
-  detect_fn = make_eval_step(graphdef, config.eval, mesh)
+  train_step = make_train_step(graphdef, detector_static, config.loss, tx, mesh,
+                               state_shardings=shardings)
+  detect_fn = make_eval_step(graphdef, config.eval, mesh, param_shardings=shardings["params"],
+                             rest_shardings=shardings["rest"])
   writer = log_lib.MetricWriter(workdir, start_step=start_step, enabled=is_main)
   plot_dir = os.path.join(workdir, "plots")
 
@@ -642,7 +673,9 @@ def evaluate_checkpoint(
       state, meta = checkpointer.restore(step, abstract)
   finally:
     checkpointer.close()
-  detect_fn = make_eval_step(graphdef, config.eval, mesh)
+  detect_fn = make_eval_step(graphdef, config.eval, mesh,
+                             param_shardings=jax.tree.map(lambda x: x.sharding, abstract["params"]),
+                             rest_shardings=jax.tree.map(lambda x: x.sharding, abstract["rest"]))
   n_plot = int(config.eval.num_plot_images) if plots_enabled else 0
   metrics, results, plot_batch = run_evaluation(
     detect_fn, state["params"], state["rest"], val_ds, config, mesh,
