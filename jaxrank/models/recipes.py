@@ -139,7 +139,7 @@ class Resolved(NamedTuple):
   alrp_period: int
   fixed_weight: float | None
   groups: int
-  pap_top_k: int = 100_000
+  pap_top_k: int
 
 
 def check_loss_config(loss_config) -> Resolved:
@@ -182,31 +182,35 @@ def check_loss_config(loss_config) -> Resolved:
     if loss_config.box_loss_weight is not None:
       raise ValueError("loss_config.box_loss_weight must be None for 'pap' (PAP is the only "
                        "loss; the box branch's gradient scale is part of the PAP parameters)")
-    pap_params(loss_config)
+    _pap_theta(loss_config)
   return Resolved(name, recipe, assigner, delta, max_pos, period, fixed, groups, top_k)
+
+
+def _pap_theta(loss_config) -> list[float] | None:
+  """The validated ``pap_theta`` (None when unset, then ``pap_preset`` is checked)."""
+  theta = loss_config.pap_theta
+  if theta is None:
+    if loss_config.pap_preset not in losses.PRESETS:
+      raise ValueError(f"loss_config.pap_preset must be one of {tuple(losses.PRESETS)}, got "
+                       f"{loss_config.pap_preset!r}")
+    return None
+  try:
+    values = [float(v) for v in theta]
+  except (TypeError, ValueError):
+    raise ValueError(f"loss_config.pap_theta must be {parameterized.NUM_SEARCH_PARAMS} numbers in "
+                     f"[0, 1], got {theta!r}") from None
+  if len(values) != parameterized.NUM_SEARCH_PARAMS or not all(0.0 <= v <= 1.0 for v in values):
+    raise ValueError(f"loss_config.pap_theta must be {parameterized.NUM_SEARCH_PARAMS} numbers in "
+                     f"[0, 1], got {len(values)} values {values}")
+  return values
 
 
 def pap_params(loss_config) -> losses.PAPParams:
   """The PAP functions of ``loss_config`` (``pap_theta`` if set, else ``pap_preset``) as
   float32 arrays."""
-  theta = loss_config.pap_theta
-  if theta is not None:
-    try:
-      values = [float(v) for v in theta]
-    except (TypeError, ValueError):
-      raise ValueError(f"loss_config.pap_theta must be {parameterized.NUM_SEARCH_PARAMS} numbers in "
-                       f"[0, 1], got {theta!r}") from None
-    if (len(values) != parameterized.NUM_SEARCH_PARAMS
-        or not all(0.0 <= v <= 1.0 for v in values)):
-      raise ValueError(f"loss_config.pap_theta must be {parameterized.NUM_SEARCH_PARAMS} numbers in "
-                       f"[0, 1], got {len(values)} values {values}")
-    params = losses.params_from_theta(jnp.asarray(values, jnp.float32))
-  else:
-    preset = loss_config.pap_preset
-    if preset not in losses.PRESETS:
-      raise ValueError(f"loss_config.pap_preset must be one of {tuple(losses.PRESETS)}, got "
-                       f"{preset!r}")
-    params = losses.PRESETS[preset]
+  theta = _pap_theta(loss_config)
+  params = (losses.PRESETS[loss_config.pap_preset] if theta is None
+            else losses.params_from_theta(jnp.asarray(theta, jnp.float32)))
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
@@ -249,7 +253,8 @@ def _positive_slots(resolved: Resolved, static: DetectorStatic, num_anchors, max
   return per_image
 
 
-def _group_loss(g, *, resolved: Resolved, static: DetectorStatic, anchors, slots, alrp_weight):
+def _group_loss(g, *, resolved: Resolved, static: DetectorStatic, anchors, slots, alrp_weight,
+                pap_params):
   """Loss of one ranking group; ``g`` holds ``[b, A, ...]`` arrays."""
   recipe = resolved.recipe
   logits, deltas = g["logits"], g["deltas"]
@@ -264,7 +269,7 @@ def _group_loss(g, *, resolved: Resolved, static: DetectorStatic, anchors, slots
   if recipe.cls_loss == "pap":
     giou = losses.giou_loss(g["pred_boxes"], g["target_boxes"])
     quality = jnp.broadcast_to((1.0 - 0.5 * giou)[..., None], logits.shape)
-    loss = losses.parameterized_ap_loss(logits, targets, quality, g["pap_params"],
+    loss = losses.parameterized_ap_loss(logits, targets, quality, pap_params,
                                         top_k=resolved.pap_top_k, where=where,
                                         max_positives=max_positives)
     box_loss = lax.stop_gradient(jnp.sum(jnp.where(positive, giou, 0.0)) / denom)
@@ -311,10 +316,6 @@ def _group_loss(g, *, resolved: Resolved, static: DetectorStatic, anchors, slots
   return total, metrics
 
 
-def _with_pap_params(fn, params, g):
-  return fn({**g, "pap_params": params})
-
-
 def detection_loss(detector_static: DetectorStatic, outputs: DetectorOutputs, batch: dict,
                    loss_config, loss_state):
   """The training loss of one batch: ``(loss, (metrics, new_loss_state))``.
@@ -348,11 +349,12 @@ def detection_loss(detector_static: DetectorStatic, outputs: DetectorOutputs, ba
     if resolved.alrp_period < 1:
       raise ValueError("loss_config.alrp_period must be >= 1 (0 means one epoch: the trainer "
                        "sets it to the steps per epoch)")
-  is_pap = resolved.recipe.cls_loss == "pap"
-  if is_pap:
+  pap = None
+  if resolved.recipe.cls_loss == "pap":
     if not isinstance(loss_state, losses.PAPParams):
       raise ValueError("PAP needs loss_state = init_loss_state(loss_config) (a PAPParams)")
-    deltas = losses.grad_scale(deltas, jnp.asarray(loss_state.grad_scale, jnp.float32))
+    pap = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), loss_state)
+    deltas = losses.grad_scale(deltas, pap.grad_scale)
 
   gt_boxes = jnp.asarray(batch["boxes"], jnp.float32)
   gt_labels = jnp.asarray(batch["labels"], jnp.int32)
@@ -383,10 +385,7 @@ def detection_loss(detector_static: DetectorStatic, outputs: DetectorOutputs, ba
                  else jnp.zeros((), jnp.float32))
   slots = _positive_slots(resolved, static, num_anchors, gt_boxes.shape[1])
   fn = functools.partial(_group_loss, resolved=resolved, static=static, anchors=anchors,
-                         slots=slots, alrp_weight=alrp_weight)
-  if is_pap:
-    pap = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), loss_state)
-    fn = functools.partial(_with_pap_params, fn, pap)
+                         slots=slots, alrp_weight=alrp_weight, pap_params=pap)
   totals, group_metrics = jax.vmap(fn)(grouped)
   metrics = {k: (jnp.sum(v) if k == "num_positives" else jnp.mean(v))
              for k, v in group_metrics.items()}

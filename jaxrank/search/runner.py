@@ -51,12 +51,19 @@ class SearchResult:
   config_path: str
 
 
+def with_fixed_grad_scale(theta, search):
+  """``theta`` (``[..., 41]``) with its gradient-scale number set to
+  ``search.fixed_grad_scale`` when that is fixed (non-zero)."""
+  if not search.fixed_grad_scale:
+    return theta
+  value = losses.theta_from_reg_weight(float(search.fixed_grad_scale))
+  return jnp.asarray(theta).at[..., -1].set(value)
+
+
 def initial_theta(search) -> np.ndarray:
   """The start mean ``[41]`` from ``search.initial`` (and ``search.fixed_grad_scale``)."""
-  theta = np.array(losses.theta_from_params(losses.PRESETS[search.initial]), np.float32)
-  if search.fixed_grad_scale:
-    theta[-1] = float(losses.theta_from_reg_weight(float(search.fixed_grad_scale)))
-  return theta
+  theta = losses.theta_from_params(losses.PRESETS[search.initial])
+  return np.array(with_fixed_grad_scale(theta, search), np.float32)
 
 
 def loss_params(thetas, search) -> losses.PAPParams:
@@ -182,9 +189,8 @@ def search(config, workdir: str, *, proxy: Proxy | None = None, progress: bool |
     while int(state.round) < stop:
       t = int(state.round)
       t0 = time.time()
-      thetas = policy.sample(jax.random.fold_in(key, t), state.mu_logit, state.sigma, int(s.num_samples))
-      if s.fixed_grad_scale:
-        thetas = thetas.at[:, -1].set(state.best_theta[-1])
+      thetas = with_fixed_grad_scale(
+          policy.sample(jax.random.fold_in(key, t), state.mu_logit, state.sigma, int(s.num_samples)), s)
       result = proxy.run(loss_params(thetas, s), sequential=sequential, progress=progress,
                          should_stop=should_stop, desc=f"round {t + 1}/{total}")
       rewards = jnp.nan_to_num(jnp.asarray(result.rewards, jnp.float32), nan=0.0)
@@ -240,9 +246,7 @@ def _warn_if_config_changed(path: str, config: dict[str, Any]) -> None:
 
 def _write_outputs(workdir, config_path, state, history, s, *, plots: bool) -> None:
   log_lib.write_json(os.path.join(workdir, "history.json"), history)
-  theta = np.array(policy.policy_mean(state))
-  if s.fixed_grad_scale:
-    theta[-1] = float(losses.theta_from_reg_weight(float(s.fixed_grad_scale)))
+  theta = np.asarray(with_fixed_grad_scale(policy.policy_mean(state), s))
   write_result_config(config_path, theta, target=s.target, round_=int(state.round),
                       num_rounds=int(s.num_rounds), best_theta=np.asarray(state.best_theta),
                       best_reward=float(state.best_reward), source=os.path.basename(workdir))
