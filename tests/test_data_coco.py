@@ -152,6 +152,64 @@ def test_corrupt_image(coco_dir, caplog):
     load_coco_folder(images, ann, on_corrupt="ignore")
 
 
+def test_image_size_mismatch(coco_dir, caplog):
+  images, ann = coco_dir
+  rng = np.random.default_rng(1)
+  # a.png saved rotated (30 wide, 40 tall); c.png 18x16 instead of the JSON's 16x16.
+  Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(images / "a.png")
+  Image.fromarray(rng.integers(0, 256, (16, 18, 3), dtype=np.uint8)).save(images / "c.png")
+  ds = load_coco_folder(images, ann)
+  with pytest.raises(ValueError, match=r"a\.png.*40x30 \(width x height\).*is 30x40.*rotated"):
+    ds.load(0)
+  assert ds.load(1)["image"].shape == (24, 20, 3)
+  with pytest.raises(ValueError, match=r"c\.png.*16x16.*is 18x16"):
+    ds.load(2)
+  with caplog.at_level(logging.WARNING):
+    skipped = load_coco_folder(images, ann, on_corrupt="skip")
+  assert [r.image_id for r in skipped.records] == [11]
+  assert "a.png" in caplog.text and "40x30" in caplog.text and "30x40" in caplog.text
+  assert "c.png" in caplog.text and "18x16" in caplog.text
+
+
+@pytest.mark.parametrize(
+  "edit, where",
+  [
+    (lambda d: d["images"][1].update(id="abc"), r"images\[1\] has a non-integer 'id': 'abc'"),
+    (lambda d: d["images"][0].update(id=True), r"images\[0\] has a non-integer 'id': True"),
+    (lambda d: d["images"][2].update(id=12.5), r"images\[2\] has a non-integer 'id': 12.5"),
+    (lambda d: d["annotations"][4].update(image_id="11"),
+     r"annotations\[4\] has a non-integer 'image_id': '11'"),
+    (lambda d: d["annotations"][0].update(category_id=None),
+     r"annotations\[0\] has a non-integer 'category_id': None"),
+    (lambda d: d["categories"][1].update(id="cat"),
+     r"categories\[1\] has a non-integer 'id': 'cat'"),
+    (lambda d: d["images"][0].update(width="40"), r"image 10 has an invalid size '40' x 30"),
+    (lambda d: d["images"][0].update(height=30.5), r"image 10 has an invalid size 40 x 30.5"),
+  ],
+)
+def test_non_integer_ids_and_sizes(coco_dir, edit, where):
+  images, ann = coco_dir
+  data = _annotations()
+  edit(data)
+  ann.write_text(json.dumps(data))
+  with pytest.raises(ValueError, match=where):
+    load_coco_folder(images, ann)
+
+
+def test_integral_float_ids_are_normalised(coco_dir):
+  images, ann = coco_dir
+  data = _annotations()
+  data["images"][0].update(id=10.0, width=40.0)
+  data["annotations"][0].update(image_id=10.0, category_id=1.0)
+  ann.write_text(json.dumps(data))
+  ds = load_coco_folder(images, ann)
+  assert ds.records[0].image_id == 10 and ds.load(0)["image"].shape == (30, 40, 3)
+  im = ds.coco["images"][0]
+  assert type(im["id"]) is int and type(im["width"]) is int
+  a = next(a for a in ds.coco["annotations"] if a["id"] == 1)
+  assert type(a["image_id"]) is int and type(a["category_id"]) is int
+
+
 def test_tfds_import_error_names_extra():
   try:
     import tensorflow_datasets  # noqa: F401

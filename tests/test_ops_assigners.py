@@ -131,3 +131,27 @@ def test_targets():
   np.testing.assert_array_equal(b[[0, 1]], GT[[0, 0]])
   np.testing.assert_array_equal(b[[5, 6]], GT[[2, 2]])
   np.testing.assert_array_equal(b[[2, 3, 4, 7]], np.zeros((4, 4)))
+
+
+def test_atss_threshold_uses_unbiased_std():
+  # Anchors concentric with the gt (centre distance 0) are the candidates; IoUs of the
+  # concentric squares are (s / 10) ** 2. Level 0 has a far anchor that top-3 leaves out;
+  # level 1 has fewer anchors than topk, so all of its 2 anchors are candidates.
+  gt = np.array([[0, 0, 10, 10]], np.float32)
+  sides = np.array([10, 9.5, 5, 4, 3])
+
+  def square(s, c=5.0):
+    return [c - s / 2, c - s / 2, c + s / 2, c + s / 2]
+
+  anchors = np.array([square(s) for s in sides[:3]] + [square(4, 100.0)]
+                     + [square(s) for s in sides[3:]], np.float32)
+  levels = np.array([0, 0, 0, 0, 1, 1], np.int32)
+  cand_iou = np.minimum(sides, 10) ** 2 / np.maximum(sides, 10) ** 2
+  unbiased = cand_iou.mean() + cand_iou.std(ddof=1)  # torch .std(0), as mmdet
+  population = cand_iou.mean() + cand_iou.std()
+  expected = np.zeros(6, bool)
+  expected[[0, 1, 2, 4, 5]] = cand_iou >= unbiased
+  assert population < cand_iou[1] < unbiased  # the two conventions disagree on anchor 1
+  a = ops.atss_assign(anchors, levels, (4, 2), gt, np.array([True]), topk=3)
+  np.testing.assert_array_equal(a.positive, expected)
+  np.testing.assert_array_equal(np.nonzero(expected)[0], [0])

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxrank import ops
 
@@ -94,3 +95,50 @@ def test_postprocess_global_topk_and_vmap():
   det = batched(np.stack([logits, logits - 20]), np.stack([boxes, boxes]))
   assert det.boxes.shape == (2, 5, 4)
   np.testing.assert_array_equal(det.valid.sum(1), [1, 0])
+
+
+def test_nms_keeps_box_with_iou_exactly_at_threshold():
+  # IoUs are ratios of small integers, exact in float32: 100/200, 100/400 and 60/100
+  # (the last equals the float32 rounding of the threshold 0.6).
+  for big, thr in (([0, 0, 20, 10], 0.5), ([0, 0, 40, 10], 0.25), ([0, 0, 10, 6], 0.6)):
+    boxes = np.array([[0, 0, 10, 10], big], np.float32)
+    scores = np.array([0.9, 0.8], np.float32)
+    assert float(ops.aligned_iou(boxes[0], boxes[1])) == np.float32(thr)
+    idx, valid = ops.nms(boxes, scores, iou_threshold=thr, max_output=2)
+    np.testing.assert_array_equal(valid, [True, True])
+    np.testing.assert_array_equal(idx, [0, 1])
+    _, valid = ops.nms(boxes, scores, iou_threshold=np.nextafter(np.float32(thr), 0),
+                       max_output=2)
+    np.testing.assert_array_equal(valid, [True, False])
+  logits = np.array([[2.0], [1.0]], np.float32)
+  det = ops.postprocess_detections(logits, np.array([[0, 0, 10, 10], [0, 0, 20, 10]]),
+                                   iou_threshold=0.5, max_detections=2)
+  np.testing.assert_array_equal(det.valid, [True, True])
+
+
+@pytest.mark.parametrize("thr", [float("nan"), -0.1, 1.5, float("inf")])
+def test_invalid_iou_threshold_raises(thr):
+  boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 11]], np.float32)
+  with pytest.raises(ValueError, match="iou_threshold"):
+    ops.nms(boxes, np.ones(2), iou_threshold=thr, max_output=2)
+  with pytest.raises(ValueError, match="iou_threshold"):
+    ops.batched_nms(boxes, np.ones(2), np.zeros(2), iou_threshold=thr, max_output=2)
+  with pytest.raises(ValueError, match="iou_threshold"):
+    ops.postprocess_detections(np.zeros((2, 1)), boxes, iou_threshold=thr)
+  # Under jit a traced threshold cannot be checked: no box is kept instead.
+  _, valid = jax.jit(lambda t: ops.nms(boxes, np.ones(2), iou_threshold=t, max_output=2))(thr)
+  assert not np.any(valid)
+  det = jax.jit(lambda t: ops.postprocess_detections(np.zeros((2, 1)), boxes,
+                                                     iou_threshold=t))(thr)
+  assert not np.any(det.valid)
+
+
+def test_nan_score_threshold_raises():
+  boxes = np.array([[0, 0, 10, 10]], np.float32)
+  with pytest.raises(ValueError, match="score_threshold"):
+    ops.postprocess_detections(np.zeros((1, 1)), boxes, score_threshold=float("nan"))
+  det = jax.jit(lambda t: ops.postprocess_detections(np.zeros((1, 1)), boxes,
+                                                     score_threshold=t))(float("nan"))
+  assert not np.any(det.valid)
+  det = ops.postprocess_detections(np.zeros((1, 1)), boxes, score_threshold=-1.0)
+  assert bool(det.valid[0])

@@ -13,7 +13,11 @@ from jaxrank.data.batching import (
 from jaxrank.data.coco import clip_coco_box, load_coco_folder, load_tfds_coco
 from jaxrank.data.dataset import CorruptImageError, DetectionDataset, Record, read_image
 from jaxrank.data.synthetic import SHAPE_NAMES, make_synthetic_dataset, synthetic_splits
-from jaxrank.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from jaxrank.data.transforms import (
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  prepare_image_for_inference,
+)
 
 __all__ = [
   "BatchIterator",
@@ -34,6 +38,7 @@ __all__ = [
   "num_batches",
   "padding_example",
   "prepare_example",
+  "prepare_image_for_inference",
   "read_image",
   "synthetic_splits",
 ]

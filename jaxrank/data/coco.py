@@ -53,17 +53,46 @@ def _read_json(path: str) -> dict[str, Any]:
   return data
 
 
-def _check_image_file(path: str) -> str | None:
-  """Why the file at ``path`` is not a readable image, or None if its header is fine."""
+def _is_integer(value: Any) -> bool:
+  """Whether ``value`` is an integral JSON number (not a string or a bool)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return False
+  return isinstance(value, int) or value.is_integer()
+
+
+def _is_positive_integer(value: Any) -> bool:
+  return _is_integer(value) and value > 0
+
+
+def _integer_field(entry: dict[str, Any], key: str, where: str, path: str) -> int:
+  """``entry[key]`` as an int; raises ``ValueError`` naming the entry and the field unless
+  it is an integral JSON number (COCO ids are integers)."""
+  value = entry[key]
+  if not _is_integer(value):
+    raise ValueError(f"{path}: {where} has a non-integer {key!r}: {value!r}")
+  return int(value)
+
+
+def _check_image_file(
+  path: str, width: int | None = None, height: int | None = None
+) -> str | None:
+  """Why the file at ``path`` is not a readable image of ``width x height`` pixels (when
+  given), or None if its header is fine. Reads the header only."""
   from PIL import Image
 
   try:
     with Image.open(path) as img:
+      size = img.size
       img.verify()
   except FileNotFoundError:
     return "file not found"
   except Exception as e:  # PIL raises many types for damaged files.
     return f"{type(e).__name__}: {e}"
+  if width is not None and height is not None and size != (width, height):
+    return (
+      f"the annotation file gives its size as {width}x{height} (width x height) but the "
+      f"image is {size[0]}x{size[1]}"
+    )
   return None
 
 
@@ -109,14 +138,17 @@ def load_coco_folder(
     annotation_file: COCO instances JSON.
     skip_crowd: leave ``iscrowd`` boxes out of the training targets (they stay in the
       evaluation ground truth, where COCO ignores detections matching them).
-    on_corrupt: ``"raise"``: an undecodable image raises ``CorruptImageError`` naming
-      the file when it is loaded. ``"skip"``: every image header is checked now, and
-      missing or unreadable images are dropped with a warning.
+    on_corrupt: ``"raise"``: an undecodable image raises ``CorruptImageError``, and an
+      image whose decoded size differs from the JSON ``width``/``height`` raises
+      ``ValueError``, naming the file when it is loaded (its boxes would be misaligned).
+      ``"skip"``: every image header is checked now, and missing or unreadable images,
+      and images whose size differs from the JSON, are dropped with a warning.
 
   Raises:
     FileNotFoundError: ``image_dir`` or ``annotation_file`` does not exist.
-    ValueError: malformed JSON, a missing key, duplicate image ids, or an annotation
-      naming an unknown image or category.
+    ValueError: malformed JSON, a missing key, a non-integer image, category or
+      annotation image/category id, duplicate image ids, or an annotation naming an
+      unknown image or category.
   """
   image_dir, annotation_file = os.fspath(image_dir), os.fspath(annotation_file)
   if on_corrupt not in ("raise", "skip"):
@@ -127,10 +159,12 @@ def load_coco_folder(
     raise FileNotFoundError(f"COCO annotation file not found: {annotation_file}")
   data = _read_json(annotation_file)
 
+  categories = []
   for i, c in enumerate(data["categories"]):
     _require(c, _CATEGORY_KEYS, f"categories[{i}]", annotation_file)
-  categories = sorted(data["categories"], key=lambda c: int(c["id"]))
-  category_ids = [int(c["id"]) for c in categories]
+    categories.append({**c, "id": _integer_field(c, "id", f"categories[{i}]", annotation_file)})
+  categories.sort(key=lambda c: c["id"])
+  category_ids = [c["id"] for c in categories]
   if len(set(category_ids)) != len(category_ids):
     raise ValueError(f"{annotation_file}: duplicate category ids")
   category_to_label = {c: l for l, c in enumerate(category_ids)}
@@ -138,30 +172,28 @@ def load_coco_folder(
   images: dict[int, dict[str, Any]] = {}
   for i, im in enumerate(data["images"]):
     _require(im, _IMAGE_KEYS, f"images[{i}]", annotation_file)
-    image_id = int(im["id"])
+    image_id = _integer_field(im, "id", f"images[{i}]", annotation_file)
     if image_id in images:
       raise ValueError(f"{annotation_file}: duplicate image id {image_id}")
-    try:
-      size_ok = float(im["width"]) > 0 and float(im["height"]) > 0
-    except (TypeError, ValueError):
-      size_ok = False
-    if not size_ok:
+    if not (_is_positive_integer(im["width"]) and _is_positive_integer(im["height"])):
       raise ValueError(
         f"{annotation_file}: image {image_id} has an invalid size "
-        f"{im['width']!r} x {im['height']!r}"
+        f"{im['width']!r} x {im['height']!r} (width and height must be positive integers)"
       )
-    images[image_id] = im
+    images[image_id] = {
+      **im, "id": image_id, "width": int(im["width"]), "height": int(im["height"])
+    }
 
   skipped_ids: set[int] = set()
   if on_corrupt == "skip":
     for image_id, im in images.items():
       path = os.path.join(image_dir, im["file_name"])
-      reason = _check_image_file(path)
+      reason = _check_image_file(path, im["width"], im["height"])
       if reason is not None:
         skipped_ids.add(image_id)
         log.warning("skipping image %s: %s", path, reason)
     if skipped_ids:
-      log.warning("skipped %d of %d unreadable images", len(skipped_ids), len(images))
+      log.warning("skipped %d of %d unreadable or mis-sized images", len(skipped_ids), len(images))
       images = {k: v for k, v in images.items() if k not in skipped_ids}
 
   per_image: dict[int, list[tuple[np.ndarray, int]]] = collections.defaultdict(list)
@@ -171,7 +203,8 @@ def load_coco_folder(
   crowd = 0
   for i, a in enumerate(data["annotations"]):
     _require(a, _ANNOTATION_KEYS, f"annotations[{i}]", annotation_file)
-    image_id, category_id = int(a["image_id"]), int(a["category_id"])
+    image_id = _integer_field(a, "image_id", f"annotations[{i}]", annotation_file)
+    category_id = _integer_field(a, "category_id", f"annotations[{i}]", annotation_file)
     if image_id in skipped_ids:
       continue
     if image_id not in images:
@@ -193,7 +226,14 @@ def load_coco_folder(
     area = a.get("area")
     if not isinstance(area, (int, float)) or not area > 0:
       area = xywh[2] * xywh[3]
-    gt_annotations.append({**a, "bbox": xywh, "area": float(area), "iscrowd": int(is_crowd)})
+    gt_annotations.append({
+      **a,
+      "image_id": image_id,
+      "category_id": category_id,
+      "bbox": xywh,
+      "area": float(area),
+      "iscrowd": int(is_crowd),
+    })
     if is_crowd:
       crowd += 1
       if skip_crowd:

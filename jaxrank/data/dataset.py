@@ -56,6 +56,24 @@ def read_image(source: str | os.PathLike | bytes) -> np.ndarray:
     raise CorruptImageError(f"cannot decode image file {name}: {e}") from e
 
 
+def _size_mismatch_message(record: Record, height: int, width: int) -> str:
+  source = record.source
+  if isinstance(source, np.ndarray):
+    name = "decoded array"
+  elif isinstance(source, (bytes, bytearray)):
+    name = f"<{len(source)} encoded bytes>"
+  else:
+    name = os.fspath(source)
+  message = (
+    f"image {record.image_id} ({name}): the annotations give its size as "
+    f"{record.width}x{record.height} (width x height) but the image is {width}x{height}; "
+    "its boxes would be misaligned"
+  )
+  if (height, width) == (record.width, record.height):
+    message += " (rotated? EXIF orientation is not applied when decoding)"
+  return message
+
+
 class DetectionDataset:
   """Detection examples with COCO-format ground truth.
 
@@ -105,9 +123,15 @@ class DetectionDataset:
 
   def load(self, index: int) -> dict[str, Any]:
     """Example ``index``: ``image`` uint8 [H,W,3], ``boxes`` float32 [n,4], ``labels``
-    int32 [n], ``image_id`` int."""
+    int32 [n], ``image_id`` int.
+
+    Raises ``ValueError`` naming the file if the decoded image is not the record's
+    ``height x width`` (its boxes, in the record's pixels, would be misaligned).
+    """
     r = self.records[index]
     image = r.source if isinstance(r.source, np.ndarray) else read_image(r.source)
+    if image.shape[:2] != (r.height, r.width):
+      raise ValueError(_size_mismatch_message(r, image.shape[0], image.shape[1]))
     return {
       "image": image,
       "boxes": r.boxes,

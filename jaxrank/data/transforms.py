@@ -63,6 +63,31 @@ def pad_and_normalize(image: np.ndarray, image_size: int) -> np.ndarray:
   return out
 
 
+def prepare_image_for_inference(image: np.ndarray, image_size: int) -> tuple[np.ndarray, float]:
+  """An image as the evaluation batches hold it, and its ``scale``.
+
+  Applies :func:`resize_to_fit` then :func:`pad_and_normalize`, as
+  :func:`jaxrank.data.prepare_example` does without augmentation. Returns float32
+  ``[S, S, 3]`` and ``scale``; a box predicted in the ``S x S`` frame maps back to the
+  original image's pixels as ``box / scale``.
+
+  Args:
+    image: ``uint8 [H, W, 3]`` RGB.
+    image_size: ``S``.
+  """
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+    raise ValueError(
+      f"image must be uint8 [H, W, 3] RGB, got {image.dtype} with shape {image.shape}"
+    )
+  if min(image.shape[:2]) < 1:
+    raise ValueError(f"image must not be empty, got shape {image.shape}")
+  if int(image_size) < 1:
+    raise ValueError(f"image_size must be >= 1, got {image_size}")
+  resized, _, scale = resize_to_fit(image, np.zeros((0, 4), np.float32), int(image_size))
+  return pad_and_normalize(resized, int(image_size)), scale
+
+
 def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Mirrors the image and its boxes left-right."""
   w = image.shape[1]

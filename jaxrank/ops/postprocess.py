@@ -7,10 +7,12 @@ Shapes are static: NMS walks the score-sorted candidates with a ``lax.while_loop
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrank.ops.boxes import aligned_iou, check_boxes
 
@@ -24,13 +26,37 @@ class Detections(NamedTuple):
   valid: jax.Array
 
 
+def _concrete_float(value, name: str) -> float | None:
+  """``value`` as a Python float, or None when it is traced (known only under jit)."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  if np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}.")
+  return float(value)
+
+
+def _check_iou_threshold(iou_threshold):
+  """Raises ``ValueError`` for a concrete ``iou_threshold`` that is NaN or outside ``[0, 1]``;
+  returns a traced one's validity as a bool scalar (True for a concrete one)."""
+  value = _concrete_float(iou_threshold, "iou_threshold")
+  if value is None:
+    return (iou_threshold >= 0.0) & (iou_threshold <= 1.0)
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f"iou_threshold must be in [0, 1], got {value}.")
+  return jnp.bool_(True)
+
+
 def batched_nms(boxes, scores, classes, *, iou_threshold: float = 0.5, max_output: int,
                 mask=None):
   """Class-wise greedy NMS (boxes of different classes never suppress each other).
 
   Boxes are visited by decreasing score (stable for ties); a visited box is kept unless an
-  earlier kept box of the same class has IoU ``> iou_threshold`` with it (torchvision /
-  mmdet convention). Boxes with ``mask`` False are never kept.
+  earlier kept box of the same class has IoU ``> iou_threshold`` with it, so a box whose
+  IoU equals the threshold exactly is kept (torchvision / mmcv convention). Boxes with
+  ``mask`` False are never kept.
+
+  ``iou_threshold`` must lie in ``[0, 1]``: a concrete NaN or out-of-range value raises
+  ``ValueError``; a traced one (under jit) that is invalid keeps no box (``valid`` all False).
 
   Args:
     boxes: ``[N, 4]`` xyxy. scores: ``[N]``. classes: ``int [N]`` or None.
@@ -41,6 +67,7 @@ def batched_nms(boxes, scores, classes, *, iou_threshold: float = 0.5, max_outpu
     ``(indices int32 [max_output], valid bool [max_output])``: indices into the inputs of
     the kept boxes by decreasing score; padded slots hold index 0 and ``valid`` False.
   """
+  threshold_ok = _check_iou_threshold(iou_threshold)
   boxes = check_boxes(boxes)
   scores = jnp.asarray(scores, jnp.float32)
   n = boxes.shape[0]
@@ -51,6 +78,7 @@ def batched_nms(boxes, scores, classes, *, iou_threshold: float = 0.5, max_outpu
   mask = jnp.ones((n,), bool) if mask is None else jnp.asarray(mask, bool)
   if classes.shape != (n,) or mask.shape != (n,):
     raise ValueError(f"classes and mask must be [N]=({n},), got {classes.shape}, {mask.shape}.")
+  mask = mask & threshold_ok
   max_output = int(max_output)
   if n == 0 or max_output <= 0:
     return jnp.zeros((max(max_output, 0),), jnp.int32), jnp.zeros((max(max_output, 0),), bool)
@@ -94,8 +122,12 @@ def postprocess_detections(class_logits, boxes, *,
 
   Scores are ``sigmoid(class_logits)``. Candidates are the ``pre_nms_top_k`` highest
   (anchor, class) pairs of every level (of the whole image when ``num_anchors_per_level``
-  is None) with score ``> score_threshold``; class-wise NMS at ``iou_threshold`` then keeps
-  at most ``max_detections`` of them, by decreasing score.
+  is None) with score ``> score_threshold``; class-wise NMS at ``iou_threshold`` (see
+  :func:`batched_nms`; IoU equal to the threshold does not suppress) then keeps at most
+  ``max_detections`` of them, by decreasing score.
+
+  A concrete NaN ``score_threshold`` or an ``iou_threshold`` that is NaN or outside
+  ``[0, 1]`` raises ``ValueError``; traced ones (under jit) give no valid detection.
 
   Args:
     class_logits: ``[A, C]``. boxes: ``[A, 4]`` decoded xyxy boxes.
@@ -104,6 +136,10 @@ def postprocess_detections(class_logits, boxes, *,
   Returns:
     :class:`Detections` with ``D = max_detections`` slots.
   """
+  _check_iou_threshold(iou_threshold)
+  score_value = _concrete_float(score_threshold, "score_threshold")
+  if score_value is not None and math.isnan(score_value):
+    raise ValueError("score_threshold must not be NaN.")
   logits = jnp.asarray(class_logits, jnp.float32)
   boxes = check_boxes(boxes)
   if logits.ndim != 2 or boxes.ndim != 2 or boxes.shape[0] != logits.shape[0]:
