@@ -1,7 +1,7 @@
 """Train-step time and peak memory of every loss recipe on a ResNet-FPN detector.
 
 Each recipe runs in its own subprocess (so peak memory is its own): a jitted step of
-``value_and_grad(detection_loss)`` plus an SGD-momentum update, timed after warm-up as the
+the trainer's step (``detector.loss`` through :mod:`jaxrank.train.steps`) with SGD momentum, timed after warm-up as the
 median of ``--steps`` steps, on random images with ``--boxes`` random boxes per image.
 
   python benchmarks/detector.py                       # ResNet-50-FPN, 512x512, batch 2
@@ -31,15 +31,19 @@ def child(args) -> dict:
 
   from jaxrank import models
 
+  from jaxrank.train import steps as steps_lib
+
   name = args.recipe
-  model_config = (models.recipe_model_config(name) if args.detector == "published"
+  family = models.family_of({"name": args.family_model})
+  model_config = (family.model_config_for_loss(name) if args.detector == "published"
                   else models.default_model_config(args.detector))
   model_config.update(backbone=args.backbone, image_size=args.image_size,
                       num_classes=args.num_classes, dtype=args.dtype)
-  detector = models.build_detector(model_config, rngs=nnx.Rngs(0))
-  loss_config = models.default_loss_config(name)
-  loss_config.update(alrp_period=100, max_positives_per_image=args.max_positives)
-  static = detector.static_info()
+  loss_config = family.default_loss_config(name)
+  for field, value in (("alrp_period", 100), ("max_positives_per_image", args.max_positives)):
+    if field in loss_config:
+      loss_config[field] = value
+  detector = models.build_detector(model_config, loss_config, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(detector, nnx.Param, ...)
   tx = optax.sgd(1e-3, momentum=0.9)
 
@@ -53,30 +57,35 @@ def child(args) -> dict:
       "labels": jnp.asarray(rng.integers(0, args.num_classes, (b, m)), jnp.int32),
       "box_mask": jnp.ones((b, m), bool),
       "valid": jnp.ones((b,), bool),
+      "image_id": jnp.arange(b, dtype=jnp.int32),
   }
+  train_step = steps_lib.train_step_fn(graphdef, tx)
 
   @jax.jit
   def step(params, opt_state, loss_state, batch):
-    def f(p):
-      outputs = nnx.merge(graphdef, p, rest)(batch["image"])
-      return models.detection_loss(static, outputs, batch, loss_config, loss_state)
-    (loss, (metrics, loss_state)), grads = jax.value_and_grad(f, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss_state, metrics
+    state = {"params": params, "rest": rest, "opt_state": opt_state, "loss_state": loss_state}
+    state, metrics = train_step(state, batch)
+    return state["params"], state["opt_state"], state["loss_state"], metrics
 
-  @jax.jit
-  def loss_step(outputs, opt_state, loss_state, batch):
-    f = lambda o: models.detection_loss(static, o, batch, loss_config, loss_state)
-    (loss, (metrics, loss_state)), grads = jax.value_and_grad(f, has_aux=True)(outputs)
-    return grads, opt_state, loss_state, metrics
+  if args.loss_only:
+    # The dense family's own loss function on random head outputs.
+    from jaxrank.models import dense
+
+    static = detector.static_info()
+
+    @jax.jit
+    def step(outputs, opt_state, loss_state, batch):
+      f = lambda o: dense.detection_loss(static, o, batch, detector.loss_settings, loss_state)
+      (loss, (metrics, loss_state)), grads = jax.value_and_grad(f, has_aux=True)(outputs)
+      return grads, opt_state, loss_state, metrics
 
   rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  opt_state, loss_state = tx.init(params), models.init_loss_state(loss_config)
+  opt_state, loss_state = tx.init(params), models.init_loss_state(model_config, loss_config)
   if args.loss_only:
-    step, opt_state = loss_step, None
+    opt_state = None
     outputs = jax.eval_shape(lambda p: nnx.merge(graphdef, p, rest)(batch["image"]), params)
     keys = jax.random.split(jax.random.key(0))
-    params = models.DetectorOutputs(
+    params = dense.DetectorOutputs(
         jax.random.normal(keys[0], outputs.class_logits.shape) - 4.0,
         0.5 * jax.random.normal(keys[1], outputs.box_deltas.shape))
   start = time.perf_counter()
@@ -94,7 +103,8 @@ def child(args) -> dict:
   return {
       "recipe": name,
       "detector": model_config.name,
-      "anchors": int(static.anchors.shape[0]),
+      "anchors": int(np.asarray(detector.anchors).shape[0]) if hasattr(detector, "anchors")
+                 else None,
       "step_ms": 1e3 * float(np.median(times)),
       "compile_s": compile_s,
       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -107,7 +117,7 @@ def child(args) -> dict:
 
 
 def main(argv=None):
-  from jaxrank.models import LOSS_NAMES
+  from jaxrank import models
 
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,8 +126,12 @@ def main(argv=None):
   parser.add_argument("--backbone", default="resnet50")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
-  parser.add_argument("--recipes", nargs="+", default=list(LOSS_NAMES), choices=LOSS_NAMES)
-  parser.add_argument("--detector", default="published", choices=("published", "retinanet", "atss"),
+  parser.add_argument("--family-model", default="retinanet", choices=models.model_names(),
+                      help="a model name of the detector family whose loss recipes to run")
+  parser.add_argument("--recipes", nargs="+", default=None,
+                      help="loss names (default: every loss of the family)")
+  parser.add_argument("--detector", default="published",
+                      choices=("published",) + models.model_names(),
                       help="each recipe's published detector, or one detector for all")
   parser.add_argument("--num-classes", type=int, default=80)
   parser.add_argument("--boxes", type=int, default=10, help="random gt boxes per image")
@@ -133,8 +147,12 @@ def main(argv=None):
     print(json.dumps(child(args)))
     return
 
-  recipes = list(args.recipes)
-  if REFERENCE not in recipes:
+  family = models.family_of({"name": args.family_model})
+  recipes = list(args.recipes or family.loss_names)
+  unknown = sorted(set(recipes) - set(family.loss_names))
+  if unknown:
+    parser.error(f"unknown recipes {unknown}; the {family.name} family has {family.loss_names}")
+  if REFERENCE in family.loss_names and REFERENCE not in recipes:
     recipes.insert(0, REFERENCE)
   passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
   if "--recipes" in passthrough:
@@ -167,7 +185,7 @@ def main(argv=None):
     t_ratio = r["step_ms"] / reference["step_ms"] if reference else float("nan")
     m_ratio = r["peak_rss_mb"] / reference["peak_rss_mb"] if reference else float("nan")
     device = f"{r['device_peak_mb']:.0f}" if r["device_peak_mb"] else "n/a"
-    print(f"{r['recipe']:<20} {r['detector']:<10} {r['anchors']:>8} {r['num_positives']:>6.0f} "
+    print(f"{r['recipe']:<20} {r['detector']:<10} {r['anchors'] or 0:>8} {r['num_positives']:>6.0f} "
           f"{r['step_ms']:>9.1f} {t_ratio:>8.2f} {r['peak_rss_mb']:>12.0f} {m_ratio:>8.2f} "
           f"{device:>10} {r['compile_s']:>10.1f}")
 

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     )
   except (FileNotFoundError, CorruptImageError, checkpoints.NoUsableCheckpointError) as e:
     return cli.fail(PROG, str(e), 1)
-  except config_lib.ConfigError as e:
+  except (config_lib.ConfigError, checkpoints.IncompatibleCheckpointError) as e:
     return cli.fail(PROG, str(e), 2)
   except ValueError as e:
     return cli.fail(PROG, f"{type(e).__name__}: {e}", 1)

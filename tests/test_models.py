@@ -7,12 +7,14 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxrank import models, ops
+from jaxrank import ops
+from jaxrank import models
+from jaxrank.models import dense
 from jaxrank.models import layers
 
 
 def tiny_config(name="retinanet", **overrides):
-  config = models.default_model_config(name)
+  config = dense.default_model_config(name)
   config.update(backbone="tiny", image_size=64, num_classes=3, fpn_channels=16, head_channels=16,
                 head_convs=2, frozen_stages=-1)
   config.update(overrides)
@@ -21,7 +23,7 @@ def tiny_config(name="retinanet", **overrides):
 
 def abstract_outputs(config, batch=2):
   """Output shapes without initialising or compiling the network."""
-  detector = nnx.eval_shape(lambda: models.build_detector(config, rngs=nnx.Rngs(0)))
+  detector = nnx.eval_shape(lambda: dense.build_detector(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(detector)
   images = jax.ShapeDtypeStruct((batch, config.image_size, config.image_size, 3), jnp.float32)
   return detector, jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
@@ -30,7 +32,7 @@ def abstract_outputs(config, batch=2):
 @pytest.mark.parametrize("backbone", ["tiny", "resnet18", "resnet34", "resnet50", "resnet101"])
 @pytest.mark.parametrize("name", ["retinanet", "atss"])
 def test_output_shapes_match_anchors(backbone, name):
-  config = models.default_model_config(name)
+  config = dense.default_model_config(name)
   config.update(backbone=backbone, image_size=96, num_classes=5)
   detector, out = abstract_outputs(config)
   num_anchors = detector.anchors.shape[0]
@@ -62,7 +64,7 @@ def test_resnet_channels_and_strides():
 
 def test_resnet18_forward_numbers():
   config = tiny_config(backbone="resnet18")
-  detector = models.build_detector(config, rngs=nnx.Rngs(0))
+  detector = dense.build_detector(config, rngs=nnx.Rngs(0))
   out = nnx.jit(lambda m, x: m(x))(detector, jnp.ones((1, 64, 64, 3)))
   assert np.all(np.isfinite(out.class_logits)) and np.all(np.isfinite(out.box_deltas))
   np.testing.assert_allclose(jax.nn.sigmoid(out.class_logits).mean(), 0.01, rtol=0.2)
@@ -70,7 +72,7 @@ def test_resnet18_forward_numbers():
 
 def test_jit_forward_backward_and_sgd_step_keeps_frozen_weights():
   config = tiny_config("atss", head_convs=1, frozen_stages=2)
-  detector = models.build_detector(config, rngs=nnx.Rngs(0))
+  detector = dense.build_detector(config, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(detector, nnx.Param, ...)
   before = jax.tree.map(np.array, rest)
   images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
@@ -105,7 +107,7 @@ def test_jit_forward_backward_and_sgd_step_keeps_frozen_weights():
 def test_determinism_and_prior_probability():
   images = jax.random.normal(jax.random.key(0), (1, 64, 64, 3))
   forward = nnx.jit(lambda m, x: m(x))
-  outs = [forward(models.build_detector(tiny_config(), rngs=nnx.Rngs(seed)), images)
+  outs = [forward(dense.build_detector(tiny_config(), rngs=nnx.Rngs(seed)), images)
           for seed in (0, 0, 1)]
   np.testing.assert_allclose(jax.nn.sigmoid(outs[0].class_logits).mean(), 0.01, rtol=0.2)
   np.testing.assert_array_equal(outs[0].class_logits, outs[1].class_logits)
@@ -115,8 +117,8 @@ def test_determinism_and_prior_probability():
 
 def test_bfloat16_activations_float32_params_and_losses():
   images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
-  f32 = models.build_detector(tiny_config("atss", head_convs=1), rngs=nnx.Rngs(0))
-  bf16 = models.build_detector(tiny_config("atss", head_convs=1, dtype="bfloat16"),
+  f32 = dense.build_detector(tiny_config("atss", head_convs=1), rngs=nnx.Rngs(0))
+  bf16 = dense.build_detector(tiny_config("atss", head_convs=1, dtype="bfloat16"),
                                rngs=nnx.Rngs(0))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(bf16)))
   graphdef, state = nnx.split(bf16.backbone)
@@ -126,14 +128,14 @@ def test_bfloat16_activations_float32_params_and_losses():
   static = bf16.static_info()
   batch = {"boxes": np.array([[[4, 4, 40, 40]]], np.float32).repeat(2, 0),
            "labels": np.zeros((2, 1), np.int32), "box_mask": np.ones((2, 1), bool)}
-  loss_config = models.default_loss_config("focal_giou")
+  loss_config = dense.default_loss_config("focal_giou")
   graphdef, params, rest = nnx.split(bf16, nnx.Param, ...)
 
   @jax.jit
   def step(params):
     def f(p):
       out = nnx.merge(graphdef, p, rest)(images)
-      loss, aux = models.detection_loss(static, out, batch, loss_config, {})
+      loss, aux = dense.detection_loss(static, out, batch, loss_config, {})
       return loss, (aux, out)
     return jax.value_and_grad(f, has_aux=True)(params)
 
@@ -154,7 +156,7 @@ def _variables(module):
 @pytest.mark.parametrize("norm", ["frozen_bn", "group_norm"])
 def test_frozen_weights_are_not_params(norm):
   config = tiny_config(backbone="resnet18", norm=norm, frozen_stages=1)
-  detector = nnx.eval_shape(lambda: models.build_detector(config, rngs=nnx.Rngs(0)))
+  detector = nnx.eval_shape(lambda: dense.build_detector(config, rngs=nnx.Rngs(0)))
   variables = _variables(detector.backbone)
   for path, var in variables.items():
     frozen_part = path[0] in ("conv1", "bn1", "layer1")
@@ -182,7 +184,7 @@ def test_frozen_batchnorm_uses_stored_statistics():
 
 
 def test_detect_and_decode():
-  detector = models.build_detector(tiny_config(), rngs=nnx.Rngs(0))
+  detector = dense.build_detector(tiny_config(), rngs=nnx.Rngs(0))
   images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   dets = nnx.jit(lambda m, x: m.detect(x, max_detections=7, score_threshold=0.0))(detector, images)
   assert dets.boxes.shape == (2, 7, 4) and dets.scores.shape == (2, 7)
@@ -195,7 +197,7 @@ def test_detect_and_decode():
 
 
 def test_static_info_is_hashable_and_leafless():
-  detector = nnx.eval_shape(lambda: models.build_detector(tiny_config(), rngs=nnx.Rngs(0)))
+  detector = nnx.eval_shape(lambda: dense.build_detector(tiny_config(), rngs=nnx.Rngs(0)))
   static = detector.static_info()
   assert hash(static) == hash(detector.static_info())
   assert jax.tree.leaves(static) == []
@@ -214,14 +216,14 @@ def test_invalid_model_config(field, value):
   with config.unlocked():
     config[field] = value
   with pytest.raises(ValueError, match=field):
-    models.build_detector(config, rngs=nnx.Rngs(0))
+    dense.build_detector(config, rngs=nnx.Rngs(0))
 
 
 def test_unknown_model_config_field():
   config = tiny_config()
   config.num_clases = 3
   with pytest.raises(ValueError, match="num_clases"):
-    models.build_detector(config, rngs=nnx.Rngs(0))
+    dense.build_detector(config, rngs=nnx.Rngs(0))
   config = tiny_config(pretrained="weights.npz")
   with pytest.raises(ValueError, match="pretrained"):
-    models.build_detector(config, rngs=nnx.Rngs(0))
+    dense.build_detector(config, rngs=nnx.Rngs(0))

@@ -7,7 +7,9 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxrank import data, models
+from jaxrank import data
+from jaxrank import models
+from jaxrank.models import dense
 from jaxrank.train.evaluation import detections_to_coco_results, evaluate_coco
 
 SIZE = 96
@@ -20,11 +22,11 @@ def overfit(name, *, steps=STEPS, lr=1e-3, num_images=2, seed=0):
                                         max_objects=3, min_size=24, seed=seed)
   batch = next(iter(data.iterate_batches(dataset, batch_size=num_images, image_size=SIZE,
                                          max_boxes=4, shuffle=False, prefetch=0)))
-  model_config = models.recipe_model_config(name)
+  model_config = dense.recipe_model_config(name)
   model_config.update(backbone="tiny", image_size=SIZE, num_classes=3, fpn_channels=32,
                       head_channels=32, head_convs=2, frozen_stages=-1)
-  detector = models.build_detector(model_config, rngs=nnx.Rngs(seed))
-  loss_config = models.default_loss_config(name)
+  detector = dense.build_detector(model_config, rngs=nnx.Rngs(seed))
+  loss_config = dense.default_loss_config(name)
   loss_config.update(alrp_period=50, max_positives_per_image=200)
   static = detector.static_info()
   graphdef, params, rest = nnx.split(detector, nnx.Param, ...)
@@ -35,12 +37,12 @@ def overfit(name, *, steps=STEPS, lr=1e-3, num_images=2, seed=0):
   def step(params, opt_state, loss_state):
     def f(p):
       outputs = nnx.merge(graphdef, p, rest)(arrays["image"])
-      return models.detection_loss(static, outputs, arrays, loss_config, loss_state)
+      return dense.detection_loss(static, outputs, arrays, loss_config, loss_state)
     (loss, (metrics, loss_state)), grads = jax.value_and_grad(f, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss_state, loss
 
-  opt_state, loss_state = tx.init(params), models.init_loss_state(loss_config)
+  opt_state, loss_state = tx.init(params), dense.init_loss_state(loss_config)
   losses = []
   for _ in range(steps):
     params, opt_state, loss_state, loss = step(params, opt_state, loss_state)
@@ -57,7 +59,7 @@ def overfit(name, *, steps=STEPS, lr=1e-3, num_images=2, seed=0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", models.LOSS_NAMES)
+@pytest.mark.parametrize("name", dense.LOSS_NAMES)
 def test_overfit_two_images(name, record_property):
   losses, metrics = overfit(name)
   print(f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.4f}, AP {metrics['AP']:.3f}, "

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from jaxrank import models
+from jaxrank.models import dense
 from jaxrank.models import pretrained
 
 
@@ -58,7 +59,7 @@ def random_state(depth, seed=0):
 
 
 def tiny_head_config(**overrides):
-  config = models.default_model_config()
+  config = dense.default_model_config()
   config.update(backbone="resnet18", image_size=64, num_classes=3, fpn_channels=8,
                 head_channels=8, head_convs=1)
   config.update(overrides)
@@ -69,7 +70,7 @@ def test_npz_round_trip_through_build_detector(tmp_path):
   state = random_state(18)
   path = tmp_path / "resnet18.npz"
   np.savez(path, **state)
-  detector = models.build_detector(tiny_head_config(pretrained=str(path)), rngs=nnx.Rngs(0))
+  detector = dense.build_detector(tiny_head_config(pretrained=str(path)), rngs=nnx.Rngs(0))
   bb = detector.backbone
   np.testing.assert_array_equal(bb.conv1.kernel[...], state["conv1.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(bb.bn1.mean[...], state["bn1.running_mean"])

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrank import losses, models
-from jaxrank.models import recipes
+from jaxrank import losses
+from jaxrank import models
+from jaxrank.models import dense
+from jaxrank.models.dense import config as recipes
 
 SIZE = 64
 NUM_CLASSES = 3
@@ -17,9 +19,9 @@ NUM_CLASSES = 3
 
 @functools.lru_cache(maxsize=None)
 def static_info(detector_name):
-  config = models.default_model_config(detector_name)
+  config = dense.default_model_config(detector_name)
   config.update(backbone="tiny", image_size=SIZE, num_classes=NUM_CLASSES)
-  detector = nnx.eval_shape(lambda: models.build_detector(config, rngs=nnx.Rngs(0)))
+  detector = nnx.eval_shape(lambda: dense.build_detector(config, rngs=nnx.Rngs(0)))
   return detector.static_info()
 
 
@@ -44,11 +46,11 @@ def make_outputs(static, batch_size=4, seed=0):
   k1, k2 = jax.random.split(jax.random.key(seed))
   logits = jax.random.normal(k1, (batch_size, num_anchors, NUM_CLASSES)) - 3.0
   deltas = 0.5 * jax.random.normal(k2, (batch_size, num_anchors, 4))
-  return models.DetectorOutputs(logits, deltas)
+  return dense.DetectorOutputs(logits, deltas)
 
 
 def loss_config(name, **overrides):
-  config = models.default_loss_config(name)
+  config = dense.default_loss_config(name)
   config.update(max_positives_per_image=128, alrp_period=2)
   config.update(overrides)
   return config
@@ -62,17 +64,17 @@ def loss_and_grad(name, groups=1):
 
   @jax.jit
   def run(outputs, batch, state):
-    f = lambda o: models.detection_loss(static, o, batch, config, state)
+    f = lambda o: dense.detection_loss(static, o, batch, config, state)
     return jax.value_and_grad(f, has_aux=True)(outputs)
 
   return run
 
 
-@pytest.mark.parametrize("name", models.LOSS_NAMES)
+@pytest.mark.parametrize("name", dense.LOSS_NAMES)
 def test_recipe_jit_grad(name):
   static = static_info(recipes.RECIPES[name].detector)
   config = loss_config(name)
-  state = models.init_loss_state(config)
+  state = dense.init_loss_state(config)
   batch = make_batch()
   run = loss_and_grad(name)
   outputs = make_outputs(static)
@@ -112,7 +114,7 @@ def test_recipe_jit_grad(name):
     assert new_state == {}
 
   # Changing the padding example's predictions changes nothing.
-  shifted = models.DetectorOutputs(outputs.class_logits.at[3].add(5.0),
+  shifted = dense.DetectorOutputs(outputs.class_logits.at[3].add(5.0),
                                    outputs.box_deltas.at[3].add(1.0))
   np.testing.assert_allclose(run(shifted, batch, state)[0][0], loss, rtol=1e-6)
 
@@ -130,7 +132,7 @@ def test_no_positives_anywhere():
 def test_ranking_groups_average_separate_rankings():
   """aLRP over 8 images in 2 groups = the mean of the two 4-image losses, one shared state."""
   static = static_info("retinanet")
-  state = models.init_loss_state(loss_config("alrp"))
+  state = dense.init_loss_state(loss_config("alrp"))
   first, second = make_batch(), make_batch()
   second["boxes"][:, :, 0] += 2.0
   second["valid"][:] = True
@@ -150,16 +152,16 @@ def test_ranking_groups_average_separate_rankings():
 
 
 def test_assigner_override_and_defaults():
-  resolved = models.check_loss_config(loss_config("rank_sort"))
+  resolved = dense.check_loss_config(loss_config("rank_sort"))
   assert resolved.assigner == "atss" and resolved.delta == 0.5 and resolved.fixed_weight is None
-  resolved = models.check_loss_config(loss_config("focal_giou"))
+  resolved = dense.check_loss_config(loss_config("focal_giou"))
   assert resolved.assigner == "max_iou" and resolved.fixed_weight == 2.0
-  resolved = models.check_loss_config(loss_config("alrp", assigner="atss", delta=0.5,
+  resolved = dense.check_loss_config(loss_config("alrp", assigner="atss", delta=0.5,
                                                   box_loss_weight=3.0))
   assert resolved.assigner == "atss" and resolved.delta == 0.5 and resolved.fixed_weight == 3.0
-  assert models.check_loss_config(loss_config("bucketed_ap")).delta == 1.0
-  assert models.init_loss_state(loss_config("alrp")).weight == 50.0
-  assert models.init_loss_state(loss_config("rank_sort")) == {}
+  assert dense.check_loss_config(loss_config("bucketed_ap")).delta == 1.0
+  assert dense.init_loss_state(loss_config("alrp")).weight == 50.0
+  assert dense.init_loss_state(loss_config("rank_sort")) == {}
 
 
 @pytest.mark.parametrize("field,value", [
@@ -171,7 +173,7 @@ def test_invalid_loss_config(field, value):
   with config.unlocked():
     config[field] = value
   with pytest.raises(ValueError, match=field):
-    models.check_loss_config(config)
+    dense.check_loss_config(config)
 
 
 def test_loss_config_errors_at_call_time():
@@ -179,14 +181,14 @@ def test_loss_config_errors_at_call_time():
   outputs = make_outputs(static, batch_size=4)
   with pytest.raises(ValueError, match="ranking_groups"):
     config = loss_config("focal_giou", ranking_groups=3)
-    models.detection_loss(static, outputs, make_batch(), config, {})
+    dense.detection_loss(static, outputs, make_batch(), config, {})
   config = loss_config("alrp", alrp_period=0)
   with pytest.raises(ValueError, match="alrp_period"):
-    models.detection_loss(static, outputs, make_batch(), config, models.init_loss_state(config))
-  with pytest.raises(ValueError, match="unknown loss_config"):
-    models.check_loss_config(loss_config("alrp", alrp_periods=3))
-  with pytest.raises(ValueError, match="delta must be None"):
-    models.check_loss_config(loss_config("focal_giou", delta=0.5))
+    dense.detection_loss(static, outputs, make_batch(), config, dense.init_loss_state(config))
+  with pytest.raises(ValueError, match=r"unknown config key.*loss\.alrp_periods"):
+    dense.check_loss_config(loss_config("alrp", alrp_periods=3))
+  with pytest.raises(ValueError, match="loss.delta' must be None"):
+    dense.check_loss_config(loss_config("focal_giou", delta=0.5))
 
 
 def test_pap_recipe_is_the_published_loss_with_scaled_box_gradient():
@@ -195,7 +197,7 @@ def test_pap_recipe_is_the_published_loss_with_scaled_box_gradient():
   from jaxrank import ops
   static = static_info("retinanet")
   config = loss_config("pap")
-  state = models.init_loss_state(config)
+  state = dense.init_loss_state(config)
   np.testing.assert_allclose(state.grad_scale, losses.PRESETS["retinanet"].grad_scale, rtol=1e-6)
   batch = make_batch()
   outputs = make_outputs(static)
@@ -227,7 +229,7 @@ def test_pap_recipe_is_the_published_loss_with_scaled_box_gradient():
                              rtol=1e-4, atol=1e-9)
 
   theta = losses.theta_from_params(losses.PRESETS["identity"])
-  identity = models.init_loss_state(loss_config("pap", pap_theta=tuple(float(t) for t in theta)))
+  identity = dense.init_loss_state(loss_config("pap", pap_theta=tuple(float(t) for t in theta)))
   for got, want in zip(identity, losses.PRESETS["identity"]):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
@@ -235,15 +237,15 @@ def test_pap_recipe_is_the_published_loss_with_scaled_box_gradient():
 @pytest.mark.parametrize("overrides,match", [
     ({"pap_preset": "yolo"}, "pap_preset"), ({"pap_theta": (0.5,) * 40}, "pap_theta"),
     ({"pap_theta": (1.5,) * 41}, "pap_theta"), ({"box_loss_weight": 1.0}, "box_loss_weight"),
-    ({"pap_top_k": 0}, "pap_top_k"), ({"delta": 1.0}, "delta must be None"),
+    ({"pap_top_k": 0}, "pap_top_k"), ({"delta": 1.0}, "loss.delta' must be None"),
 ])
 def test_invalid_pap_config(overrides, match):
   with pytest.raises(ValueError, match=match):
-    models.check_loss_config(loss_config("pap", **overrides))
+    dense.check_loss_config(loss_config("pap", **overrides))
 
 
 def test_recipe_model_configs():
-  assert models.recipe_model_config("rank_sort").name == "atss"
-  assert tuple(models.recipe_model_config("rank_sort").anchor_ratios) == (1.0,)
-  assert models.recipe_model_config("alrp").scales_per_octave == 2
-  assert models.recipe_model_config("focal_smooth_l1").name == "retinanet"
+  assert dense.recipe_model_config("rank_sort").name == "atss"
+  assert tuple(dense.recipe_model_config("rank_sort").anchor_ratios) == (1.0,)
+  assert dense.recipe_model_config("alrp").scales_per_octave == 2
+  assert dense.recipe_model_config("focal_smooth_l1").name == "retinanet"

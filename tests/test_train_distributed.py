@@ -20,7 +20,7 @@ _STEP_SCRIPT = textwrap.dedent("""
   sys.path.insert(0, {tests!r})
   import jax, numpy as np
   from test_train_helpers import tiny_config
-  from jaxrank.train import input_pipeline, optim, trainer
+  from jaxrank.train import input_pipeline, optim, steps, trainer
   from jaxrank.train import sharding as sh
 
   loss, ranking = sys.argv[1], sys.argv[2]
@@ -37,11 +37,10 @@ _STEP_SCRIPT = textwrap.dedent("""
       config.loss.ranking_groups = 8
     tx, _ = optim.build_optimizer(config.optimizer, global_batch_size=8, total_steps=4,
                                   steps_per_epoch=4)
-    graphdef, init = trainer.init_state(config, mesh)
+    graphdef, init = steps.init_state(config, mesh)
     opt = jax.jit(tx.init, out_shardings=sh.replicated(mesh))(init["params"])
     state = dict(init, opt_state=opt)
-    step = trainer.make_train_step(graphdef, trainer.static_info(graphdef, state), config.loss,
-                                   tx, mesh)
+    step = steps.make_train_step(graphdef, tx, mesh)
     losses = []
     for b in batches:
       gb = sh.global_batch(b, mesh)

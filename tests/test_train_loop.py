@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("jax_cache")
 
 def _nan_on_image(monkeypatch, image_id: int):
   """Makes the loss NaN for every batch holding ``image_id``."""
-  from jaxrank.models import recipes
+  from jaxrank.models.dense import recipes
 
   original = recipes.detection_loss
 

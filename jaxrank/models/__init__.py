@@ -1,40 +1,48 @@
-"""Flax NNX detectors (RetinaNet, ATSS-style) and the loss recipes that train them.
+"""Flax NNX detectors behind one interface (:mod:`jaxrank.models.family`).
 
+A detector family is registered under the ``model.name`` values it builds; the trainer,
+the evaluation, the search and the benchmarks use only the functions below.
+
+>>> import jax.numpy as jnp
 >>> from flax import nnx
 >>> from jaxrank import models
->>> config = models.default_model_config()
->>> config.update(backbone="tiny", image_size=64, num_classes=3)
->>> detector = models.build_detector(config, rngs=nnx.Rngs(0))
->>> detector.anchors.shape
-(774, 4)
+>>> model_config = models.default_model_config("atss")
+>>> model_config.update(backbone="tiny", image_size=64, num_classes=3)
+>>> loss_config = models.family_of(model_config).default_loss_config("rank_sort")
+>>> detector = models.build_detector(model_config, loss_config, rngs=nnx.Rngs(0))
+>>> detector.detect(jnp.zeros((1, 64, 64, 3))).boxes.shape
+(1, 100, 4)
 """
 
-from jaxrank.models.detector import (DETECTORS, Detector, DetectorOutputs, DetectorStatic,
-                                     build_detector, check_model_config, default_model_config)
+from jaxrank.models import dense
+from jaxrank.models.family import (Detector, DetectorFamily, TrainingSetup, build_detector,
+                                   check_config, default_model_config, family_of,
+                                   init_loss_state, model_names, prepare_loss_config,
+                                   register_family, unregister_family)
 from jaxrank.models.layers import Frozen
 from jaxrank.models.pretrained import load_torchvision_resnet
-from jaxrank.models.recipes import (LOSS_NAMES, check_loss_config, default_loss_config,
-                                    detection_loss, init_loss_state, recipe_model_config)
 from jaxrank.models.resnet import BACKBONES, ResNet, TinyBackbone, build_backbone
+
+register_family(dense.FAMILY)
 
 __all__ = [
     "BACKBONES",
-    "DETECTORS",
-    "LOSS_NAMES",
     "Detector",
-    "DetectorOutputs",
-    "DetectorStatic",
+    "DetectorFamily",
     "Frozen",
     "ResNet",
     "TinyBackbone",
+    "TrainingSetup",
     "build_backbone",
     "build_detector",
-    "check_loss_config",
-    "check_model_config",
-    "default_loss_config",
+    "check_config",
     "default_model_config",
-    "detection_loss",
+    "dense",
+    "family_of",
     "init_loss_state",
     "load_torchvision_resnet",
-    "recipe_model_config",
+    "model_names",
+    "prepare_loss_config",
+    "register_family",
+    "unregister_family",
 ]

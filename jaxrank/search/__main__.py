@@ -22,7 +22,7 @@ import sys
 import time
 
 PROG = "python -m jaxrank.search"
-DEFAULT_CONFIG = os.path.join("configs", "search_synthetic.py")
+DEFAULT_CONFIG = "search_synthetic"
 
 
 def main(argv=None) -> int:
@@ -39,7 +39,8 @@ def main(argv=None) -> int:
                              "Overrides: --config.SECTION.FIELD=VALUE (e.g. --config.search.max_rounds=2).",
       epilog="Sections: search, and the proxy's model, loss, data, optimizer, train, eval.")
   parser.add_argument("--config", default=None,
-                      help=f"search config file (FILE or FILE:ARG); default {DEFAULT_CONFIG}")
+                      help=f"search config file (FILE or FILE:ARG) or packaged config name; default "
+                           f"{DEFAULT_CONFIG}")
   parser.add_argument("--workdir", default=None,
                       help="search folder; resumes from its checkpoints (default runs/search-<time>)")
   parser.add_argument("--print_config", action="store_true")

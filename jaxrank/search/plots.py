@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from jaxrank.losses import parameterized
-from jaxrank.train.plots import _pyplot, _save
+from jaxrank.train.plots import pyplot, save_figure
 
 _COLORS = {"h1": "tab:blue", "h2": "tab:orange", "i1": "tab:green", "i2": "tab:red", "i3": "tab:purple"}
 
@@ -22,7 +22,7 @@ def _knots(theta: np.ndarray) -> dict[str, np.ndarray]:
 def plot_search(history: Sequence[Mapping[str, Any]], path: str) -> str | None:
   if not history:
     return None
-  plt = _pyplot()
+  plt = pyplot()
   rounds = np.array([h["round"] for h in history])
   fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
 
@@ -67,6 +67,6 @@ def plot_search(history: Sequence[Mapping[str, Any]], path: str) -> str | None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  path = _save(fig, path)
+  path = save_figure(fig, path)
   plt.close(fig)
   return path

@@ -2,7 +2,7 @@
 
 The published search trains one detector per sampled loss, one after another. Here the
 ``K`` detectors of a round are one computation: the training step of
-:func:`jaxrank.train.trainer.train_step_fn` is ``jax.vmap``-ed over the training state
+:func:`jaxrank.train.steps.train_step_fn` is ``jax.vmap``-ed over the training state
 (parameters, optimiser state and the PAP functions, which live in the loss state), with the
 batch shared, and the ``K`` axis is sharded over the devices (``Mesh`` axis ``'proxies'``).
 Every proxy starts from the same initial weights and sees the same batches, so the rewards
@@ -29,6 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxrank import losses
 from jaxrank.train import evaluation, input_pipeline, optim
 from jaxrank.train import config as config_lib
+from jaxrank.train import logging as log_lib
+from jaxrank.train import steps as steps_lib
 from jaxrank.train import trainer
 
 log = logging.getLogger("jaxrank.search")
@@ -94,11 +96,10 @@ class ProxyTrainer:
     self.tx, _ = optim.build_optimizer(self.config.optimizer, global_batch_size=batch,
                                        total_steps=self.num_steps, steps_per_epoch=spe)
     single = Mesh(np.asarray(jax.local_devices()[:1]), ("data",))
-    self.graphdef, init = trainer.init_state(self.config, single)
+    self.graphdef, init = steps_lib.init_state(self.config, single)
     self._init_params, self._init_rest = init["params"], init["rest"]
-    self.detector_static = trainer.static_info(self.graphdef, init)
-    self._step = trainer.train_step_fn(self.graphdef, self.detector_static, self.config.loss, self.tx)
-    self._detect = trainer.eval_step_fn(self.graphdef, self.config.eval)
+    self._step = steps_lib.train_step_fn(self.graphdef, self.tx)
+    self._detect = steps_lib.eval_step_fn(self.graphdef, self.config.eval)
     self._compiled: dict[int, tuple[Callable, Callable, Callable, Mesh]] = {}
 
   # -- compiled functions per number of proxies ----------------------------------------
@@ -169,7 +170,7 @@ class ProxyTrainer:
                                "last_loss": np.zeros(k, np.float32)}, split)
     tail_start = self.num_steps - max(1, self.num_steps // 10)
     tail = None
-    bar = trainer._progress(total=self.num_steps, desc=desc, enabled=progress, leave=False)
+    bar = log_lib.progress_bar(total=self.num_steps, desc=desc, enabled=progress, leave=False)
     step = 0
     try:
       for epoch in range(-(-self.num_steps // self.steps_per_epoch)):

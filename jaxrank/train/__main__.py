@@ -2,11 +2,17 @@
 
 Examples::
 
-  python -m jaxrank.train                                   # configs/default.py
-  python -m jaxrank.train --config configs/synthetic.py:alrp --workdir runs/alrp
+  python -m jaxrank.train                                   # the packaged 'default' config
+  python -m jaxrank.train --list_configs                    # the packaged configs
+  python -m jaxrank.train --config synthetic:alrp --workdir runs/alrp
   python -m jaxrank.train --config configs/coco_atss_rs.py \\
       --config.data.train_images=/data/coco/train2017 ... --config.train.batch_size=32
   python -m jaxrank.train --workdir runs/alrp              # resume an interrupted run
+
+Resuming (``--workdir`` of an existing run without ``--config``) uses the run's saved
+``config.json``; ``--config.KEY=VALUE`` overrides apply on top and are named in the log. A
+change the checkpoints cannot hold (other shapes or structure) stops with exit status 2 and
+changes nothing in the run folder.
 
 Exit status: 0 done, 1 bad data or other error, 2 bad config or arguments, 3 non-finite
 loss (nan_policy 'stop' or too many skipped steps), 143 / 130 stopped by SIGTERM / SIGINT
@@ -35,14 +41,18 @@ def parse_args(argv):
            "Use --print_config to see every field.",
   )
   parser.add_argument("--config", default=None,
-                      help="config file with get_config() (FILE or FILE:ARG); default "
-                           "configs/default.py")
+                      help="config file with get_config() (FILE or FILE:ARG) or the name of a "
+                           "packaged config (NAME or NAME:ARG, see --list_configs); default "
+                           "'default', or the run's saved config.json when --workdir holds one")
   parser.add_argument("--workdir", default=None,
                       help="run folder; resumes from its checkpoints if any (default "
                            "runs/<config name>-<timestamp>)")
+  parser.add_argument("--list_configs", action="store_true",
+                      help="list the packaged configs and exit")
   parser.add_argument("--print_config", action="store_true",
                       help="print the resolved config and exit")
-  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  parser.add_argument("--no_progress", action="store_true",
+                      help="no progress bar: a text line every train.log_every steps on stderr")
   parser.add_argument("--verbose", action="store_true", help="library INFO logs too")
   cli.add_distributed_args(parser)
   args = parser.parse_args(rest)
@@ -58,6 +68,9 @@ def main(argv=None) -> int:
     args, overrides = parse_args(argv)
   except config_lib.ConfigError as e:
     return cli.fail(PROG, str(e), 2)
+  if args.list_configs:
+    cli.print_config_list()
+    return 0
 
   from jaxrank.train import sharding
 
@@ -72,7 +85,11 @@ def main(argv=None) -> int:
   import jax
 
   try:
-    config = cli.load_config(args.config, overrides)
+    config = None
+    if args.workdir is not None and args.config is None:
+      config = cli.load_run_config(args.workdir, overrides)
+    if config is None:
+      config = cli.load_config(args.config, overrides)
     if args.no_progress:
       config.train.progress_bar = False
     config_lib.validate(config)
@@ -99,7 +116,8 @@ def main(argv=None) -> int:
   except trainer.TrainingInterrupted as e:
     log.warning("%s", e)
     return 128 + e.signum
-  except (FileNotFoundError, CorruptImageError, checkpoints.NoUsableCheckpointError) as e:
+  except (FileNotFoundError, CorruptImageError, checkpoints.NoUsableCheckpointError,
+          checkpoints.CheckpointWriteError) as e:
     return cli.fail(PROG, str(e), 1)
   except (ValueError, ImportError) as e:
     return cli.fail(PROG, f"{type(e).__name__}: {e}", 1)

@@ -9,8 +9,10 @@ A checkpoint ``<workdir>/checkpoints/<step>/`` holds two items:
 
 Orbax writes a step into a temporary directory and renames it when complete, so a run
 killed mid-save leaves no partial step behind. A step that exists but cannot be read
-(e.g. damaged files) is moved to ``<workdir>/checkpoints/corrupt/`` with a warning and the
-previous step is used instead.
+(damaged files, or values that come back NaN/inf) is moved to
+``<workdir>/checkpoints/corrupt/`` with a warning and the previous step is used instead. A
+readable step whose arrays do not fit the abstract state (another model or optimiser)
+raises :class:`IncompatibleCheckpointError` and is left where it is.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -32,6 +35,29 @@ log = logging.getLogger(__name__)
 
 class NoUsableCheckpointError(RuntimeError):
   """No checkpoint step could be restored."""
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A readable checkpoint whose arrays do not fit the requested state."""
+
+
+class CheckpointWriteError(OSError):
+  """The checkpoint folder cannot be written."""
+
+
+def _leaf_signatures(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+  """Sorted ``(shape, dtype)`` of every array leaf: comparable between an abstract state and
+  Orbax's metadata, whatever the container types became on disk."""
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+  return sorted((tuple(int(d) for d in x.shape), str(np.dtype(x.dtype))) for x in leaves
+                if hasattr(x, "shape"))
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when every floating-point leaf of ``tree`` is finite (a scalar; jit-able)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.asarray(leaves)) if leaves else jnp.asarray(True)
 
 
 def _is_key(x: Any) -> bool:
@@ -75,7 +101,7 @@ class Checkpointer:
 
   Args:
     directory: checkpoint folder (created).
-    save_every: :meth:`maybe_save` saves when ``step % save_every == 0`` (0: never).
+    save_every: :meth:`due` is True when ``step % save_every == 0`` (0: never).
     keep: checkpoints kept (older ones are deleted).
     async_save: write in a background thread (the step returns once arrays are copied).
   """
@@ -83,15 +109,22 @@ class Checkpointer:
   def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(os.fspath(directory))
     self.save_every = int(save_every)
+    self._checked_writable = False
     options = ocp.CheckpointManagerOptions(
       max_to_keep=int(keep),
       create=True,
       cleanup_tmp_directories=True,
       enable_async_checkpointing=async_save,
     )
-    self._manager = ocp.CheckpointManager(
-      self.directory, options=options, item_names=("state", "meta")
-    )
+    try:
+      self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
+      )
+    except OSError as e:
+      raise CheckpointWriteError(f"cannot use the checkpoint folder {self.directory}: "
+                                 f"{e.strerror or e}") from None
 
   # -- queries -------------------------------------------------------------------------
 
@@ -103,27 +136,51 @@ class Checkpointer:
 
   # -- saving ---------------------------------------------------------------------------
 
+  def check_writable(self) -> None:
+    """Raises :class:`CheckpointWriteError` naming the folder if a file cannot be written
+    in it."""
+    probe = os.path.join(self.directory, f".write_probe_{os.getpid()}")
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      with open(probe, "w", encoding="utf-8") as f:
+        f.write("ok")
+      os.remove(probe)
+    except OSError as e:
+      raise CheckpointWriteError(
+        f"cannot write checkpoints to {self.directory}: {e.strerror or e}") from None
+
+  def due(self, step: int) -> bool:
+    """``step`` is a multiple of ``save_every``."""
+    return self.save_every > 0 and step % self.save_every == 0
+
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> bool:
-    """Saves ``state`` and ``meta`` at ``step`` (no-op if that step exists)."""
+    """Saves ``state`` and ``meta`` at ``step`` (no-op if that step exists). The first save
+    checks that the folder can be written and waits until it is on disk, so a failure is
+    reported at once (:class:`CheckpointWriteError`)."""
     step = int(step)
     if step in self._manager.all_steps():
       return False
+    first = not self._checked_writable
+    if first and jax.process_index() == 0:
+      self.check_writable()
     meta = {**meta, "step": step, "saved_at": time.time()}
-    saved = self._manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(to_savable(state)), meta=ocp.args.JsonSave(meta)
-      ),
-      force=True,
-    )
+    try:
+      saved = self._manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(to_savable(state)), meta=ocp.args.JsonSave(meta)
+        ),
+        force=True,
+      )
+      if first:
+        self._manager.wait_until_finished()
+    except OSError as e:
+      raise CheckpointWriteError(f"saving checkpoint step {step} to {self.directory} failed: "
+                                 f"{e}") from e
+    self._checked_writable = True
     if saved:
       log.info("checkpoint step %d -> %s", step, self.directory)
     return bool(saved)
-
-  def maybe_save(self, step: int, state: Any, meta: dict[str, Any]) -> bool:
-    if self.save_every > 0 and step % self.save_every == 0:
-      return self.save(step, state, meta)
-    return False
 
   def wait(self) -> None:
     """Blocks until background saves are on disk."""
@@ -147,6 +204,27 @@ class Checkpointer:
     )
     state = from_savable(restored.state, abstract_state)
     return state, dict(restored.meta)
+
+  def check_compatible(self, step: int, abstract_state: Any) -> None:
+    """Raises :class:`IncompatibleCheckpointError` when ``step``'s saved arrays (shapes,
+    dtypes, count) differ from ``abstract_state``'s. Unreadable metadata passes (the restore
+    then fails and the step counts as damaged)."""
+    try:
+      saved = self._manager.item_metadata(int(step))["state"]
+      saved = getattr(saved, "tree", saved)
+    except Exception:  # damaged metadata: left to restore()
+      return
+    if saved is None:
+      return
+    want = _leaf_signatures(abstract_savable(abstract_state))
+    have = _leaf_signatures(saved)
+    if want != have:
+      missing = sorted(set(want) - set(have))[:3]
+      extra = sorted(set(have) - set(want))[:3]
+      raise IncompatibleCheckpointError(
+        f"checkpoint step {step} in {self.directory} holds {len(have)} arrays that do not fit "
+        f"the {len(want)} of this config's state (e.g. needed (shape, dtype) {missing}, saved "
+        f"{extra})")
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     restored = self._manager.restore(
@@ -178,8 +256,11 @@ class Checkpointer:
       return None
     failures = []
     for step in reversed(steps):
+      self.check_compatible(step, abstract_state)
       try:
         state, meta = self.restore(step, abstract_state)
+        if not bool(jax.jit(all_finite)(state)):
+          raise ValueError("restored values are NaN or inf (damaged data files?)")
       except Exception as e:  # damaged files raise many exception types
         failures.append(step)
         older = [s for s in steps if s < step]

@@ -5,14 +5,15 @@ logging setup and error reporting."""
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
+import jaxrank.configs as configs_package
 from jaxrank.train import config as config_lib
-
-DEFAULT_CONFIG = os.path.join("configs", "default.py")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -52,23 +53,63 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--process_id", type=int, default=None)
 
 
-def find_default_config(default: str = DEFAULT_CONFIG) -> str:
-  """``default`` (a path relative to the repository root) from the current directory or from
-  the source checkout."""
-  if os.path.isfile(default):
-    return default
-  here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  candidate = os.path.join(here, default)
-  if os.path.isfile(candidate):
-    return candidate
+def packaged_configs() -> dict[str, str]:
+  """``{name: path}`` of the config files that ship with jaxrank (the repository's
+  ``configs/``, installed as the package ``jaxrank.configs``)."""
+  folder = os.path.dirname(os.path.abspath(configs_package.__file__))
+  return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
+          if f.endswith(".py") and not f.startswith("_")}
+
+
+def config_summary(path: str) -> str:
+  """The first line of a config file's docstring."""
+  with open(path, encoding="utf-8") as f:
+    doc = ast.get_docstring(ast.parse(f.read())) or ""
+  return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def resolve_config_spec(spec: str | None, default: str = "default") -> str:
+  """A config file spec ``FILE[:ARG]``: ``spec`` itself when its file exists, else the packaged
+  config of that name (``NAME[:ARG]`` or ``configs/NAME.py[:ARG]``, e.g. ``synthetic:alrp``;
+  see ``--list_configs``). None: the packaged ``default``."""
+  spec = spec or default
+  path, arg = (spec, "") if os.path.exists(spec) or ":" not in spec else spec.rsplit(":", 1)
+  if os.path.isfile(path):
+    return spec
+  configs = packaged_configs()
+  folder, name = os.path.split(path)
+  name = name[:-3] if name.endswith(".py") else name
+  if name in configs and os.path.normpath(folder or "configs") == "configs":
+    return configs[name] + (f":{arg}" if arg else "")
   raise config_lib.ConfigError(
-    f"no --config given and {default} not found (run from the repository root)"
-  )
+    f"config file not found: {path} (nor a packaged config of that name; known: "
+    f"{', '.join(configs)}; see --list_configs)")
+
+
+def print_config_list() -> None:
+  for name, path in packaged_configs().items():
+    print(f"{name:<28} {config_summary(path)}")
 
 
 def load_config(spec: str | None, overrides: Sequence[tuple[str, str]], *,
-                default: str = DEFAULT_CONFIG):
-  config = config_lib.load_config_file(spec or find_default_config(default))
+                default: str = "default"):
+  config = config_lib.load_config_file(resolve_config_spec(spec, default))
+  config_lib.apply_overrides(config, overrides)
+  return config
+
+
+def load_run_config(workdir: str, overrides: Sequence[tuple[str, str]]):
+  """A run's saved ``config.json`` with ``overrides`` applied (None when the run folder has
+  none)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(f"cannot read the run's config {path}: {e}") from None
+  config = config_lib.from_dict(saved)
   config_lib.apply_overrides(config, overrides)
   return config
 
@@ -112,6 +153,8 @@ class _TqdmHandler(logging.StreamHandler):
     super().__init__(sys.stderr)
 
   def emit(self, record):
+    if getattr(record, "file_only", False):  # progress lines while a progress bar shows
+      return
     try:
       from tqdm import tqdm
 

@@ -24,22 +24,16 @@ from typing import Any
 
 import ml_collections
 
+from jaxrank import models
+from jaxrank.validation import ConfigError, Section
+
 ConfigDict = ml_collections.ConfigDict
-
-
-class ConfigError(ValueError):
-  """An invalid config file, override key or value."""
+__all__ = ["ConfigDict", "ConfigError", "apply_override", "apply_overrides", "base_config",
+           "from_dict", "load_config_file", "parse_value", "set_fields", "to_dict", "validate"]
 
 
 # ----------------------------------------------------------------------------------------
 # Base config.
-
-
-def _models():
-  import jaxrank.models
-  import jaxrank.models.recipes
-
-  return jaxrank.models, jaxrank.models.recipes
 
 
 def base_config() -> ConfigDict:
@@ -48,7 +42,6 @@ def base_config() -> ConfigDict:
   ``model.image_size`` and ``model.num_classes`` are references to ``data.image_size``
   and ``data.num_classes``: override the ``data`` fields.
   """
-  models, recipes = _models()
   c = ConfigDict()
   c.name = "experiment"
 
@@ -81,11 +74,11 @@ def base_config() -> ConfigDict:
   c.data.num_workers = 0  # decoding threads per host (0: up to 4).
   c.data.prefetch = 2  # batches prepared ahead.
 
-  c.model = models.default_model_config()
+  c.model = models.default_model_config("retinanet")
   c.model.image_size = c.data.get_ref("image_size")
   c.model.num_classes = c.data.get_ref("num_classes")
 
-  c.loss = recipes.default_loss_config()
+  c.loss = models.family_of(c.model).default_loss_config("focal_smooth_l1")
 
   c.optimizer = ConfigDict()
   c.optimizer.name = "sgd"  # 'sgd' or 'adamw'.
@@ -166,7 +159,13 @@ def load_config_file(spec: str) -> ConfigDict:
   takes_arg = bool(inspect.signature(get_config).parameters)
   if arg is not None and not takes_arg:
     raise ConfigError(f"config file {path}: get_config() takes no argument, got {arg!r}")
-  config = get_config(arg) if takes_arg else get_config()
+  try:
+    config = get_config(arg) if takes_arg else get_config()
+  except ConfigError:
+    raise
+  except Exception as e:
+    what = f"get_config({arg!r})" if takes_arg else "get_config()"
+    raise ConfigError(f"config file {path}: {what} failed: {type(e).__name__}: {e}") from e
   if not isinstance(config, ConfigDict):
     raise ConfigError(f"config file {path}: get_config() returned {type(config).__name__}")
   return config
@@ -319,93 +318,93 @@ def set_fields(config: ConfigDict, updates: Mapping[str, Any]) -> ConfigDict:
 # ----------------------------------------------------------------------------------------
 # Checks.
 
-CHOICES = {
-  "data.source": ("synthetic", "coco_folder", "tfds"),
-  "data.augment": ("none", "flip", "ssd"),
-  "data.on_corrupt": ("raise", "skip"),
-  "optimizer.name": ("sgd", "adamw"),
-  "optimizer.schedule": ("step", "cosine", "constant"),
-  "train.nan_policy": ("skip", "stop"),
-  "train.ranking": ("global", "per_device"),
-  "train.param_sharding": ("replicated", "fsdp"),
-}
-
-POSITIVE = (
-  "data.image_size", "data.num_classes", "data.max_boxes", "train.batch_size",
-  "train.log_every", "eval.batch_size", "eval.max_detections", "eval.pre_nms_top_k",
-  "train.keep_checkpoints",
-)
-NON_NEGATIVE = (
-  "train.num_epochs", "train.num_steps", "train.eval_every", "train.checkpoint_every",
-  "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
-  "optimizer.lr_reference_batch_size", "data.num_workers", "data.prefetch",
-  "train.max_consecutive_nan_skips", "data.max_val_images",
-)
+SECTIONS = ("model", "loss", "data", "optimizer", "train", "eval")
 
 
-def _get(config: ConfigDict, key: str) -> Any:
-  node = config
-  for part in key.split("."):
-    node = node[part]
-  return node
+def _check_data(data: Section) -> None:
+  data.fields(base_config().data.keys())
+  source = data.choice("source", ("synthetic", "coco_folder", "tfds"))
+  data.choice("augment", ("none", "flip", "ssd"))
+  data.choice("on_corrupt", ("raise", "skip"))
+  for key in ("image_size", "num_classes", "max_boxes"):
+    data.integer(key, min=1)
+  for key in ("num_workers", "prefetch", "max_val_images", "seed", "synthetic_image_size",
+              "max_object_size"):
+    data.integer(key, min=0)
+  data.integer("max_objects", min=1)
+  data.integer("min_object_size", min=1)
+  if source == "synthetic":
+    data.integer("num_train", min=1)
+    data.integer("num_val", min=1)
+  if source == "coco_folder":
+    for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
+      if not data.string(key):
+        raise data.error(key, "must be set for data.source='coco_folder'")
+
+
+def _check_optimizer(opt: Section) -> None:
+  opt.fields(base_config().optimizer.keys())
+  opt.choice("name", ("sgd", "adamw"))
+  opt.choice("schedule", ("step", "cosine", "constant"))
+  opt.number("lr", above=0.0)
+  opt.integer("lr_reference_batch_size", min=0)
+  opt.number("momentum", min=0.0, below=1.0)
+  opt.boolean("nesterov")
+  opt.number("b2", min=0.0, below=1.0)
+  opt.number("eps", above=0.0)
+  opt.number("weight_decay", min=0.0)
+  opt.boolean("decay_norm_and_bias")
+  opt.integer("warmup_steps", min=0)
+  opt.number("warmup_ratio", above=0.0, max=1.0)
+  opt.numbers("decay_epochs", min=0.0, increasing=True, allow_empty=True)
+  opt.numbers("decay_steps", min=0.0, increasing=True, allow_empty=True)
+  opt.number("decay_factor", above=0.0, max=1.0)
+  opt.number("min_lr_ratio", min=0.0, max=1.0)
+  opt.number("grad_clip_norm", min=0.0)
+
+
+def _check_train(train: Section) -> None:
+  train.fields(base_config().train.keys())
+  for key in ("batch_size", "log_every", "keep_checkpoints"):
+    train.integer(key, min=1)
+  for key in ("num_epochs", "num_steps", "eval_every", "checkpoint_every", "seed",
+              "max_consecutive_nan_skips"):
+    train.integer(key, min=0)
+  train.choice("nan_policy", ("skip", "stop"))
+  train.choice("ranking", ("global", "per_device"))
+  train.choice("param_sharding", ("replicated", "fsdp"))
+  train.boolean("progress_bar")
+  train.boolean("plots")
+  if train.config["num_epochs"] == 0 and train.config["num_steps"] == 0:
+    raise train.error("num_steps", "or 'train.num_epochs' must be positive")
+
+
+def _check_eval(ev: Section) -> None:
+  ev.fields(base_config().eval.keys())
+  for key in ("batch_size", "max_detections", "pre_nms_top_k"):
+    ev.integer(key, min=1)
+  ev.integer("num_plot_images", min=0)
+  ev.number("score_threshold", min=0.0, max=1.0)
+  ev.number("iou_threshold", min=0.0, max=1.0)
 
 
 def validate(config: ConfigDict) -> None:
   """Raises :class:`ConfigError` naming the first invalid field."""
-  for section in ("model", "loss", "data", "optimizer", "train", "eval"):
+  for section in SECTIONS:
     if section not in config or not isinstance(config[section], ConfigDict):
       raise ConfigError(f"config lacks the section {section!r}")
-  for key, choices in CHOICES.items():
-    value = _get(config, key)
-    if value not in choices:
-      raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(choices)}")
-  for key in POSITIVE:
-    value = _get(config, key)
-    if not value > 0:
-      raise ConfigError(f"config key {key!r} must be > 0, got {value!r}")
-  for key in NON_NEGATIVE:
-    value = _get(config, key)
-    if not value >= 0:
-      raise ConfigError(f"config key {key!r} must be >= 0, got {value!r}")
-  if not (config.optimizer.lr > 0 and math.isfinite(config.optimizer.lr)):
-    raise ConfigError(f"config key 'optimizer.lr' must be a positive number, got {config.optimizer.lr!r}")
-  if not 0 < config.optimizer.warmup_ratio <= 1:
-    raise ConfigError(
-      f"config key 'optimizer.warmup_ratio' must be in (0, 1], got {config.optimizer.warmup_ratio!r}"
-    )
-  if config.train.num_epochs == 0 and config.train.num_steps == 0:
-    raise ConfigError("set config key 'train.num_epochs' or 'train.num_steps' to a positive value")
-  if config.model.image_size != config.data.image_size:
-    raise ConfigError(
-      f"config key 'model.image_size' ({config.model.image_size}) differs from "
-      f"'data.image_size' ({config.data.image_size}); set data.image_size"
-    )
-  if config.model.num_classes != config.data.num_classes:
-    raise ConfigError(
-      f"config key 'model.num_classes' ({config.model.num_classes}) differs from "
-      f"'data.num_classes' ({config.data.num_classes}); set data.num_classes"
-    )
-  if config.data.source == "coco_folder":
-    for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
-      if not config.data[key]:
-        raise ConfigError(f"data.source='coco_folder' needs config key 'data.{key}'")
-  if config.data.source == "synthetic" and (config.data.num_train < 1 or config.data.num_val < 1):
-    raise ConfigError("config keys 'data.num_train' and 'data.num_val' must be >= 1")
+  _check_data(Section(config.data, "data"))
+  _check_optimizer(Section(config.optimizer, "optimizer"))
+  _check_train(Section(config.train, "train"))
+  _check_eval(Section(config.eval, "eval"))
+  for field in ("image_size", "num_classes"):
+    if config.model.get(field) != config.data[field]:
+      raise ConfigError(
+        f"config key 'model.{field}' ({config.model.get(field)}) differs from "
+        f"'data.{field}' ({config.data[field]}); set data.{field}"
+      )
   resolved = config.copy_and_resolve_references()
-  models, recipes = _models()
-  for section, check in (("model", models.check_model_config),
-                         ("loss", recipes.check_loss_config)):
-    try:
-      check(resolved[section])
-    except ValueError as e:
-      msg = str(e).replace("model_config.", "model.").replace("loss_config.", "loss.")
-      raise ConfigError(f"config section {section!r}: {msg}") from None
-  steps = [s for s in config.optimizer.decay_steps]
-  if sorted(steps) != steps:
-    raise ConfigError(f"config key 'optimizer.decay_steps' must increase, got {steps}")
-  epochs = [e for e in config.optimizer.decay_epochs]
-  if sorted(epochs) != epochs:
-    raise ConfigError(f"config key 'optimizer.decay_epochs' must increase, got {epochs}")
+  models.check_config(resolved.model, resolved.loss)
 
 
 def to_dict(config: ConfigDict) -> dict[str, Any]:
@@ -417,16 +416,21 @@ def to_dict(config: ConfigDict) -> dict[str, Any]:
 
 def from_dict(data: Mapping[str, Any]) -> ConfigDict:
   """Config rebuilt from :func:`to_dict` output (e.g. a run's ``config.json``): the base
-  config updated with ``data``'s fields (unknown fields are added, tuples restored)."""
+  config, with the model and loss defaults of the saved ``model.name`` and ``loss.name``,
+  updated with ``data``'s fields (unknown fields are added, tuples restored).
+  ``model.image_size`` and ``model.num_classes`` follow ``data`` again where they agree."""
   config = base_config()
+  model_name = data.get("model", {}).get("name", config.model.name)
+  family = models.family_of({"name": model_name})
+  config.model = family.default_model_config(model_name)
+  config.loss = family.default_loss_config(data.get("loss", {}).get("name", config.loss.name))
 
-  def update(node: ConfigDict, values: Mapping[str, Any], prefix: str):
+  def update(node: ConfigDict, values: Mapping[str, Any]):
     for k, v in values.items():
-      key = f"{prefix}{k}"
       if isinstance(v, Mapping):
         if k not in node:
           node[k] = ConfigDict()
-        update(node[k], v, key + ".")
+        update(node[k], v)
         continue
       if k in node and isinstance(node[k], tuple) and isinstance(v, list):
         v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
@@ -437,11 +441,14 @@ def from_dict(data: Mapping[str, Any]) -> ConfigDict:
         try:
           node[k] = v
         except TypeError:
-          # A reference whose type changed, e.g. None default: replace the field.
+          # A field whose type changed, e.g. a None default: replace the field.
           del node[k]
           node[k] = v
       else:
         node[k] = v
 
-  update(config, data, "")
+  update(config, data)
+  for field in ("image_size", "num_classes"):
+    if field in config.model and config.model[field] == config.data.get(field):
+      config.model[field] = config.data.get_ref(field)
   return config

@@ -11,9 +11,11 @@ import json
 import logging as _pylogging
 import math
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 log = _pylogging.getLogger(__name__)
@@ -42,6 +44,11 @@ def write_json(path: str, data: Any) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(_jsonable(data), f, indent=1)
   os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 class MetricWriter:
@@ -120,3 +127,32 @@ class MetricWriter:
       self.flush()
       self._tb.close()
       self._tb = None
+
+
+class NullProgressBar:
+  """Stands in for a tqdm bar where none is shown."""
+
+  def update(self, n: int = 1) -> None:
+    del n
+
+  def set_postfix(self, *args, **kwargs) -> None:
+    del args, kwargs
+
+  def close(self) -> None:
+    pass
+
+
+def shows_progress_bar(enabled: bool) -> bool:
+  """A tqdm bar is shown when ``enabled``, on process 0, with stderr a terminal (elsewhere
+  the trainer writes text lines)."""
+  return bool(enabled) and jax.process_index() == 0 and sys.stderr.isatty()
+
+
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0, leave: bool = True):
+  """A tqdm bar (see :func:`shows_progress_bar`), else a :class:`NullProgressBar`."""
+  if not shows_progress_bar(enabled):
+    return NullProgressBar()
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, initial=initial, desc=desc, unit="step" if desc == "train" else "batch",
+              dynamic_ncols=True, leave=leave, mininterval=1.0, smoothing=0.1)

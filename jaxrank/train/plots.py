@@ -13,7 +13,7 @@ import numpy as np
 from jaxrank.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
-def _pyplot():
+def pyplot():
   import matplotlib
 
   matplotlib.use("Agg", force=True)
@@ -22,7 +22,7 @@ def _pyplot():
   return plt
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str) -> str:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=100, bbox_inches="tight")
@@ -41,7 +41,7 @@ def plot_loss_curves(train_history: Sequence[Mapping[str, Any]], path: str,
   entries = [e for e in train_history if "loss" in e]
   if not entries:
     return None
-  plt = _pyplot()
+  plt = pyplot()
   steps = np.array([e["step"] for e in entries])
   keys = [k for k in entries[-1] if k != "step" and ("loss" in k) and k not in _NOT_LOSSES
           and isinstance(entries[-1][k], (int, float))]
@@ -76,7 +76,7 @@ def plot_loss_curves(train_history: Sequence[Mapping[str, Any]], path: str,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  out = _save(fig, path)
+  out = save_figure(fig, path)
   plt.close(fig)
   return out
 
@@ -84,7 +84,7 @@ def plot_loss_curves(train_history: Sequence[Mapping[str, Any]], path: str,
 def plot_pr_curve(pr_curve: Mapping[str, Any], path: str, *,
                   class_names: Sequence[str] | None = None, title: str = "") -> str:
   """Precision against recall at IoU 0.5: the class average and each class."""
-  plt = _pyplot()
+  plt = pyplot()
   recall = np.asarray(pr_curve["recall"], float)
   fig, ax = plt.subplots(figsize=(5.5, 4.5))
   per_class = np.asarray(pr_curve.get("per_class_precision", []), float)
@@ -104,7 +104,7 @@ def plot_pr_curve(pr_curve: Mapping[str, Any], path: str, *,
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="lower left")
   fig.tight_layout()
-  out = _save(fig, path)
+  out = save_figure(fig, path)
   plt.close(fig)
   return out
 
@@ -137,7 +137,7 @@ def plot_detections_grid(
   of ground-truth boxes (ranking losses leave scores uncalibrated, so a fixed threshold
   may show nothing or everything).
   """
-  plt = _pyplot()
+  plt = pyplot()
   if min_score is None:
     scores = np.sort(np.asarray(det_scores)[np.asarray(det_valid, bool)])[::-1]
     k = int(np.sum(gt_mask))
@@ -171,6 +171,6 @@ def plot_detections_grid(
   fig.suptitle(f"{title + ': ' if title else ''}ground truth dashed green, detections with "
                f"score >= {min_score:.3g}", fontsize=9)
   fig.tight_layout()
-  out = _save(fig, path)
+  out = save_figure(fig, path)
   plt.close(fig)
   return out

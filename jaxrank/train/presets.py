@@ -15,14 +15,8 @@ published.
 
 from __future__ import annotations
 
+from jaxrank.models import dense
 from jaxrank.train.config import ConfigDict, base_config
-
-
-def _recipes():
-  from jaxrank.models import recipes
-
-  return recipes
-
 
 RANKING_RECIPES = ("ap_smooth_l1", "alrp", "rank_sort", "bucketed_rank_sort", "bucketed_ap", "pap")
 #: PAP rows (``loss.pap_top_k``) for the synthetic sizes: about 7% of the ~27k scores of a
@@ -37,10 +31,9 @@ def synthetic_config(loss_name: str = "rank_sort", *, name: str | None = None) -
   2400 steps (~9 epochs of 2048 images); COCO AP@[.5:.95] about 0.56 on the 256
   validation images after 6-8 minutes on a 2-core CPU.
   """
-  recipes = _recipes()
   c = base_config()
   c.name = name or f"synthetic_{loss_name}"
-  model = recipes.recipe_model_config(loss_name)
+  model = dense.recipe_model_config(loss_name)
   # Tiny GroupNorm backbone trained from scratch, P3-P5 (strides 8-32), small head.
   model.backbone = "tiny"
   model.norm = "group_norm"
@@ -55,7 +48,7 @@ def synthetic_config(loss_name: str = "rank_sort", *, name: str | None = None) -
   model.image_size = c.data.get_ref("image_size")
   model.num_classes = c.data.get_ref("num_classes")
   c.model = model
-  c.loss = recipes.default_loss_config(loss_name)
+  c.loss = dense.default_loss_config(loss_name)
   if loss_name == "pap":
     c.loss.pap_top_k = SYNTHETIC_PAP_TOP_K
 
@@ -142,10 +135,9 @@ def coco_config(recipe: str, *, source: str = "coco_folder") -> ConfigDict:
   if recipe not in _COCO:
     raise ValueError(f"unknown COCO recipe {recipe!r}; known: {COCO_RECIPES}")
   p = _COCO[recipe]
-  recipes = _recipes()
   c = base_config()
   c.name = f"coco_{recipe}"
-  model = recipes.recipe_model_config(p["loss"])
+  model = dense.recipe_model_config(p["loss"])
   model.backbone = "resnet50"
   model.norm = "frozen_bn"
   model.frozen_stages = 1
@@ -153,7 +145,7 @@ def coco_config(recipe: str, *, source: str = "coco_folder") -> ConfigDict:
   model.image_size = c.data.get_ref("image_size")
   model.num_classes = c.data.get_ref("num_classes")
   c.model = model
-  c.loss = recipes.default_loss_config(p["loss"])
+  c.loss = dense.default_loss_config(p["loss"])
 
   c.data.source = source
   c.data.image_size = p["image_size"]

@@ -28,11 +28,9 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
+from jaxrank import models
 from jaxrank.train import checkpoints as ckpt_lib
 from jaxrank.train import config as config_lib
 from jaxrank.train import evaluation
@@ -41,6 +39,7 @@ from jaxrank.train import logging as log_lib
 from jaxrank.train import optim
 from jaxrank.train import plots
 from jaxrank.train import sharding as shard_lib
+from jaxrank.train import steps as steps_lib
 
 log = logging.getLogger("jaxrank.train")
 
@@ -56,171 +55,6 @@ class TrainingInterrupted(RuntimeError):
     super().__init__(message)
     self.step = step
     self.signum = int(signum)
-
-
-def _models():
-  import jaxrank.models
-  import jaxrank.models.recipes
-
-  return jaxrank.models, jaxrank.models.recipes
-
-
-# ----------------------------------------------------------------------------------------
-# Model and state.
-
-
-def build_model(model_config, seed: int):
-  models, _ = _models()
-  return models.build_detector(model_config, rngs=nnx.Rngs(int(seed)))
-
-
-def split_model(model) -> tuple[Any, Any, Any]:
-  """``graphdef, params (nnx.Param), rest (every other variable)``."""
-  return nnx.split(model, nnx.Param, ...)
-
-
-def _param_sharding(config) -> str:
-  return str(config.train.get("param_sharding", "replicated"))
-
-
-def init_state(config, mesh) -> tuple[Any, dict[str, Any]]:
-  """``graphdef`` and the initial ``{params, rest, loss_state}``, replicated (or split with
-  ``train.param_sharding='fsdp'``, see :func:`jaxrank.train.sharding.leaf_sharding`).
-
-  Initialised under ``jax.jit`` straight into its sharding, unless ``model.pretrained``
-  names a weights file (read on the host, then placed).
-  """
-  _, recipes = _models()
-
-  def init():
-    model = build_model(config.model, config.train.seed)
-    _, params, rest = split_model(model)
-    return {"params": params, "rest": rest, "loss_state": recipes.init_loss_state(config.loss)}
-
-  graphdef, _, _ = split_model(nnx.eval_shape(lambda: build_model(config.model, config.train.seed)))
-  shardings = shard_lib.state_shardings(jax.eval_shape(init), mesh, _param_sharding(config))
-  if config.model.get("pretrained"):
-    return graphdef, jax.device_put(shard_lib.replicate(init(), mesh), shardings)
-  return graphdef, jax.jit(init, out_shardings=shardings)()
-
-
-def abstract_state(config, tx, mesh) -> tuple[Any, dict[str, Any]]:
-  """``graphdef`` and the abstract training state (shapes, dtypes, shardings) without
-  materialising parameters (``jax.eval_shape``)."""
-  _, recipes = _models()
-  abs_model = nnx.eval_shape(lambda: build_model(config.model, config.train.seed))
-  graphdef, params, rest = split_model(abs_model)
-
-  def init_rest():
-    return tx.init(params), recipes.init_loss_state(config.loss)
-
-  opt_state, loss_state = jax.eval_shape(init_rest)
-  state = {"params": params, "rest": rest, "opt_state": opt_state, "loss_state": loss_state}
-  mode = _param_sharding(config)
-  return graphdef, jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard_lib.leaf_sharding(x, mesh, mode)),
-    state)
-
-
-def init_opt_state(tx, params, mesh, mode: str = "replicated"):
-  """``tx.init(params)`` placed like :func:`init_state`'s parameters."""
-  shardings = shard_lib.state_shardings(jax.eval_shape(tx.init, params), mesh, mode)
-  return jax.jit(tx.init, out_shardings=shardings)(params)
-
-
-def static_info(graphdef, state):
-  model = nnx.merge(graphdef, state["params"], state["rest"])
-  return model.static_info()
-
-
-# ----------------------------------------------------------------------------------------
-# Steps.
-
-
-def train_step_fn(graphdef, detector_static, loss_config, tx):
-  """The pure ``step(state, batch) -> (state, metrics)`` (not jitted; see
-  :func:`make_train_step`).
-
-  ``state`` is ``{params, rest, opt_state, loss_state}``. ``metrics`` has ``loss``, the
-  loss's own metrics, ``grad_norm`` and ``finite``; a non-finite loss or gradient norm
-  returns the input state unchanged.
-  """
-  _, recipes = _models()
-
-  def step(state, batch):
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, state["rest"])
-      outputs = model(batch["image"])
-      loss, (metrics, new_loss_state) = recipes.detection_loss(
-        detector_static, outputs, batch, loss_config, state["loss_state"]
-      )
-      _, _, new_rest = split_model(model)
-      return loss, (metrics, new_loss_state, new_rest)
-
-    (loss, (metrics, new_loss_state, new_rest)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True
-    )(state["params"])
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_params = optax.apply_updates(state["params"], updates)
-    new_state = {
-      "params": new_params,
-      "rest": new_rest,
-      "opt_state": new_opt_state,
-      "loss_state": new_loss_state,
-    }
-    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-    out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-    out.update(loss=jnp.asarray(loss, jnp.float32), grad_norm=grad_norm, finite=finite)
-    return new_state, out
-
-  return step
-
-
-def make_train_step(graphdef, detector_static, loss_config, tx, mesh, *, donate: bool = True,
-                    state_shardings: Any = None):
-  """Jitted :func:`train_step_fn` with the state replicated (or placed by
-  ``state_shardings``, a matching tree of shardings) and donated, and the batch sharded over
-  the ``'data'`` axis of ``mesh``."""
-  repl = shard_lib.replicated(mesh)
-  state_sh = repl if state_shardings is None else state_shardings
-  return jax.jit(
-    train_step_fn(graphdef, detector_static, loss_config, tx),
-    in_shardings=(state_sh, shard_lib.data_sharded(mesh)),
-    out_shardings=(state_sh, repl),
-    donate_argnums=(0,) if donate else (),
-  )
-
-
-def eval_step_fn(graphdef, eval_config):
-  """The pure ``detect(params, rest, images) -> {boxes, scores, classes, valid}`` with the
-  ``eval`` section's post-processing."""
-
-  def detect(params, rest, images):
-    model = nnx.merge(graphdef, params, rest)
-    det = model.detect(
-      images,
-      score_threshold=float(eval_config.score_threshold),
-      max_detections=int(eval_config.max_detections),
-      iou_threshold=float(eval_config.iou_threshold),
-      pre_nms_top_k=int(eval_config.pre_nms_top_k),
-    )
-    return {"boxes": det.boxes, "scores": det.scores, "classes": det.classes,
-            "valid": det.valid}
-
-  return detect
-
-
-def make_eval_step(graphdef, eval_config, mesh, *, param_shardings: Any = None,
-                   rest_shardings: Any = None):
-  """Jitted :func:`eval_step_fn` (sharded like the images; parameters replicated unless
-  shardings are given)."""
-  repl, data = shard_lib.replicated(mesh), shard_lib.data_sharded(mesh)
-  params_sh = repl if param_shardings is None else param_shardings
-  rest_sh = repl if rest_shardings is None else rest_shardings
-  return jax.jit(eval_step_fn(graphdef, eval_config), in_shardings=(params_sh, rest_sh, data),
-                 out_shardings=data)
 
 
 def run_evaluation(
@@ -253,7 +87,7 @@ def run_evaluation(
     dataset, config.data, per_host_batch=per_host,
     shard_index=jax.process_index(), shard_count=jax.process_count(),
   )
-  bar = _progress(total=len(it), desc=desc, enabled=progress, leave=False)
+  bar = log_lib.progress_bar(total=len(it), desc=desc, enabled=progress, leave=False)
   with it:
     for batch in it:
       gb = shard_lib.global_batch(
@@ -298,43 +132,20 @@ def scalar_eval_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 # Helpers.
 
 
-class _NullBar:
-  def update(self, n=1):
-    pass
-
-  def set_postfix(self, *a, **k):
-    pass
-
-  def close(self):
-    pass
-
-  def write(self, s):
-    print(s, file=sys.stderr)
-
-
-def _progress(total: int, desc: str, enabled: bool, initial: int = 0, leave: bool = True):
-  if not enabled or jax.process_index() != 0:
-    return _NullBar()
-  from tqdm.auto import tqdm
-
-  return tqdm(total=total, initial=initial, desc=desc, unit="step" if desc == "train" else "batch",
-              dynamic_ncols=True, leave=leave, mininterval=1.0, smoothing=0.1)
-
-
 def default_workdir(config) -> str:
   return os.path.join("runs", f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def resolve_config(config, *, num_devices: int, steps_per_epoch: int):
-  """Fields set by the trainer: ranking groups and the aLRP balance period."""
+  """The config with the loss fields the detector family fixes for a run (e.g. one ranking
+  group per device with ``train.ranking='per_device'``)."""
   config = config.copy_and_resolve_references()
+  setup = models.TrainingSetup(num_devices=int(num_devices),
+                               steps_per_epoch=int(steps_per_epoch),
+                               per_device_ranking=config.train.ranking == "per_device")
+  loss = models.prepare_loss_config(config.model, config.loss, setup)
   with config.unlocked():
-    if config.train.ranking == "per_device":
-      if "ranking_groups" not in config.loss:
-        raise config_lib.ConfigError("train.ranking='per_device' needs loss.ranking_groups")
-      config.loss.ranking_groups = int(num_devices)
-    if "alrp_period" in config.loss and int(config.loss.alrp_period) == 0:
-      config.loss.alrp_period = int(steps_per_epoch)
+    config.loss = loss
   return config
 
 
@@ -359,14 +170,137 @@ class TrainResult:
 # The loop.
 
 
+class MetricWindow:
+  """The step metrics since the last log line; fetched from the devices together.
+
+  Counts skipped (non-finite) steps and writes one row per flush: TensorBoard and
+  ``metrics.json`` through ``writer``, a text line to the log (``train.log``; stderr too
+  when no progress bar is shown) and the progress bar's postfix.
+  """
+
+  def __init__(self, *, writer, schedule, steps_per_epoch: int, total_steps: int,
+               batch_size: int, nan_policy: str, skipped_total: int = 0, bar=None,
+               text_to_stderr: bool = True):
+    self.writer, self.schedule, self.bar = writer, schedule, bar
+    self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+    self.batch_size, self.nan_policy = batch_size, nan_policy
+    self.skipped_total, self.consecutive_skips = skipped_total, 0
+    self.text_to_stderr = text_to_stderr
+    self.pending: list[tuple[int, dict[str, Any]]] = []
+    self.start = time.time()
+
+  def add(self, step: int, metrics: dict[str, Any]) -> None:
+    self.pending.append((step, metrics))
+
+  def pause(self, seconds: float) -> None:
+    """Leaves ``seconds`` (e.g. an evaluation) out of the throughput."""
+    self.start += seconds
+
+  def flush(self) -> None:
+    if not self.pending:
+      return
+    fetched = jax.device_get([m for _, m in self.pending])
+    steps = [s for s, _ in self.pending]
+    good = []
+    for s, m in zip(steps, fetched):
+      if bool(m["finite"]):
+        self.consecutive_skips = 0
+        good.append(m)
+        continue
+      self.skipped_total += 1
+      self.consecutive_skips += 1
+      log.warning("step %d: non-finite loss (%s), gradient norm (%s) or updated state; step "
+                  "skipped (%d skipped so far)", s, m["loss"], m["grad_norm"],
+                  self.skipped_total)
+      self.writer.event("nan_events", {"step": s, "loss": str(m["loss"]),
+                                       "grad_norm": str(m["grad_norm"]),
+                                       "action": self.nan_policy})
+    elapsed = max(time.time() - self.start, 1e-9)
+    row: dict[str, Any] = {}
+    if good:
+      for k in good[0]:
+        if k != "finite":
+          row[k] = float(np.mean([float(m[k]) for m in good]))
+    last = steps[-1]
+    row["lr"] = float(self.schedule(last - 1))
+    row["img_per_s"] = len(steps) * self.batch_size / elapsed
+    row["steps_per_s"] = len(steps) / elapsed
+    row["skipped_steps"] = self.skipped_total
+    row["epoch"] = last / self.steps_per_epoch
+    self.writer.scalars(last, row)
+    eta = (self.total_steps - last) / max(row["steps_per_s"], 1e-9)
+    parts = " ".join(f"{k} {row[k]:.4f}" for k in row
+                     if k not in ("lr", "img_per_s", "steps_per_s", "skipped_steps", "epoch",
+                                  "grad_norm"))
+    log.info("step %d/%d: %s grad_norm %.3g lr %.3g %.1f img/s ETA %s%s", last,
+             self.total_steps, parts or "no finite step", row.get("grad_norm", float("nan")),
+             row["lr"], row["img_per_s"], _duration(eta),
+             f" ({self.skipped_total} skipped)" if self.skipped_total else "",
+             extra={"file_only": not self.text_to_stderr})
+    if self.bar is not None:
+      postfix = {"loss": f"{row.get('loss', float('nan')):.4f}",
+                 "img/s": f"{row['img_per_s']:.1f}"}
+      if self.skipped_total:
+        postfix["skipped"] = self.skipped_total
+      self.bar.set_postfix(postfix, refresh=False)
+    self.pending = []
+    self.start = time.time()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _save_checkpoint(checkpointer, step: int, state, meta: dict[str, Any]) -> None:
+  """Saves ``state`` unless a value in it is not finite (then stops: a NaN state is never
+  written over good checkpoints)."""
+  if not bool(jax.device_get(jax.jit(ckpt_lib.all_finite)(state))):
+    raise NonFiniteLossError(
+      f"the training state at step {step} holds NaN or inf values; not saving it. The last "
+      f"checkpoint (step {checkpointer.latest_step()}) is intact.")
+  checkpointer.save(step, state, meta)
+
+
+def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+  """``'key: old -> new'`` for every field that differs between two config dicts."""
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out.extend(_config_changes(a, b, f"{prefix}{key}."))
+    elif a != b:
+      out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+  return out
+
+
+def _restore_or_stop(checkpointer, abstract, config, workdir: str):
+  """The latest readable checkpoint, or None. A checkpoint the config cannot hold (other
+  shapes or structure) stops the run with :class:`config.ConfigError` naming the changed
+  fields; nothing is touched."""
+  saved_path = os.path.join(workdir, "config.json")
+  saved = log_lib.read_json(saved_path) if os.path.exists(saved_path) else None
+  changes = _config_changes(saved, config_lib.to_dict(config)) if saved is not None else []
+  try:
+    return checkpointer.restore_latest(abstract), saved, changes
+  except ckpt_lib.IncompatibleCheckpointError as e:
+    named = "; ".join(changes) if changes else "no config field differs from config.json"
+    raise config_lib.ConfigError(
+      f"{e}. Config changes since the run was saved: {named}. Nothing was changed in "
+      f"{workdir}; undo these changes or use another --workdir.") from None
+
+
 def train(config, workdir: str | None = None) -> TrainResult:
   """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and evaluates.
 
   Raises:
-    config.ConfigError: an invalid config.
+    config.ConfigError: an invalid config, or one the run's checkpoints cannot hold.
     FileNotFoundError, ValueError, jaxrank.data.CorruptImageError: bad data.
-    NonFiniteLossError: non-finite loss with ``train.nan_policy='stop'``, or more than
-      ``train.max_consecutive_nan_skips`` consecutive skipped steps.
+    PermissionError: the checkpoint folder cannot be written.
+    NonFiniteLossError: non-finite loss with ``train.nan_policy='stop'``, more than
+      ``train.max_consecutive_nan_skips`` consecutive skipped steps, or a non-finite state.
     TrainingInterrupted: SIGTERM; a checkpoint was saved.
   """
   t_start = time.time()
@@ -377,7 +311,8 @@ def train(config, workdir: str | None = None) -> TrainResult:
 
   mesh = shard_lib.make_mesh()
   n_proc, proc = jax.process_count(), jax.process_index()
-  per_host = shard_lib.per_host_batch_size(int(config.train.batch_size), mesh)
+  batch_size = int(config.train.batch_size)
+  per_host = shard_lib.per_host_batch_size(batch_size, mesh)
 
   train_ds, val_ds = input_pipeline.build_datasets(config.data)
   _check_datasets(train_ds, val_ds, config)
@@ -389,30 +324,31 @@ def train(config, workdir: str | None = None) -> TrainResult:
     )
   total_steps = int(config.train.num_steps) or int(config.train.num_epochs) * spe
   config = resolve_config(config, num_devices=mesh.devices.size, steps_per_epoch=spe)
-  if is_main:
-    log_lib.write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
   log.info(
     "%s: %d train / %d val images, %d classes; %d devices on %d processes; global batch %d "
     "(%d per host); %d steps (%d per epoch); workdir %s",
     config.name, len(train_ds), len(val_ds), train_ds.num_classes, mesh.devices.size, n_proc,
-    config.train.batch_size, per_host, total_steps, spe, workdir,
+    batch_size, per_host, total_steps, spe, workdir,
   )
 
   tx, schedule = optim.build_optimizer(
-    config.optimizer, global_batch_size=int(config.train.batch_size),
-    total_steps=total_steps, steps_per_epoch=spe,
+    config.optimizer, global_batch_size=batch_size, total_steps=total_steps,
+    steps_per_epoch=spe,
   )
-  log.info("peak learning rate %.6g",
-           optim.peak_learning_rate(config.optimizer, int(config.train.batch_size)))
+  log.info("peak learning rate %.6g", optim.peak_learning_rate(config.optimizer, batch_size))
 
   # State: restore the latest checkpoint or initialise.
-  graphdef, abstract = abstract_state(config, tx, mesh)
+  graphdef, abstract = steps_lib.abstract_state(config, tx, mesh)
   checkpointer = ckpt_lib.Checkpointer(
     os.path.join(workdir, "checkpoints"),
     save_every=int(config.train.checkpoint_every),
     keep=int(config.train.keep_checkpoints),
   )
-  restored = checkpointer.restore_latest(abstract)
+  try:
+    restored, saved_config, changes = _restore_or_stop(checkpointer, abstract, config, workdir)
+  except BaseException:
+    checkpointer.close()
+    raise
   skipped_total = 0
   if restored is not None:
     start_step, state, meta = restored
@@ -423,30 +359,39 @@ def train(config, workdir: str | None = None) -> TrainResult:
     log.info("resumed from checkpoint step %d", start_step)
   else:
     start_step = 0
-    graphdef, init = init_state(config, mesh)
-    opt_state = init_opt_state(tx, init["params"], mesh, _param_sharding(config))
+    graphdef, init = steps_lib.init_state(config, mesh)
+    opt_state = steps_lib.init_opt_state(tx, init["params"], mesh,
+                                         steps_lib.param_sharding_mode(config))
     state = {**init, "opt_state": opt_state}
+  if is_main:
+    if changes:
+      for change in changes:
+        log.warning("config changed since the run was saved: %s", change)
+      kept = os.path.join(workdir, f"config.step_{start_step}.json")
+      log_lib.write_json(kept, saved_config)
+      log.warning("the previous config.json is kept as %s", kept)
+    log_lib.write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
 
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
-  if _param_sharding(config) == "fsdp":
-    split = [x for x in jax.tree.leaves(abstract["params"]) if not x.sharding.is_fully_replicated]
+  if steps_lib.param_sharding_mode(config) == "fsdp":
+    leaves = jax.tree.leaves(abstract["params"])
+    split = [x for x in leaves if not x.sharding.is_fully_replicated]
     log.info("fsdp: %d of %d parameter arrays (%.1f%% of the parameters) split over %d devices",
-             len(split), len(jax.tree.leaves(abstract["params"])),
-             100.0 * sum(x.size for x in split)
-             / max(1, sum(x.size for x in jax.tree.leaves(abstract["params"]))), mesh.devices.size)
-  detector_static = static_info(graphdef, state)
-  train_step = make_train_step(graphdef, detector_static, config.loss, tx, mesh,
-                               state_shardings=shardings)
-  detect_fn = make_eval_step(graphdef, config.eval, mesh, param_shardings=shardings["params"],
-                             rest_shardings=shardings["rest"])
+             len(split), len(leaves),
+             100.0 * sum(x.size for x in split) / max(1, sum(x.size for x in leaves)),
+             mesh.devices.size)
+  train_step = steps_lib.make_train_step(graphdef, tx, mesh, state_shardings=shardings)
+  detect_fn = steps_lib.make_eval_step(graphdef, config.eval, mesh,
+                                       param_shardings=shardings["params"],
+                                       rest_shardings=shardings["rest"])
   writer = log_lib.MetricWriter(workdir, start_step=start_step, enabled=is_main)
   plot_dir = os.path.join(workdir, "plots")
 
   def meta_at(step: int) -> dict[str, Any]:
     epoch, batch_in_epoch = divmod(step, spe)
     return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "steps_per_epoch": spe,
-            "skipped_steps": skipped_total, "config_name": config.name,
-            "global_batch_size": int(config.train.batch_size)}
+            "skipped_steps": window.skipped_total, "config_name": config.name,
+            "global_batch_size": batch_size}
 
   def evaluate(step: int, final: bool) -> dict[str, Any] | None:
     t0 = time.time()
@@ -484,51 +429,16 @@ def train(config, workdir: str | None = None) -> TrainResult:
   step = start_step
   nan_policy = config.train.nan_policy
   max_skips = int(config.train.max_consecutive_nan_skips)
-  consecutive_skips = 0
   log_every = int(config.train.log_every)
-  pending: list[dict[str, Any]] = []
-  window_start, window_images = time.time(), 0
+  eval_every = int(config.train.eval_every)
+  show_bar = log_lib.shows_progress_bar(bool(config.train.progress_bar))
+  bar = log_lib.progress_bar(total=total_steps, desc="train", enabled=show_bar,
+                             initial=start_step)
+  window = MetricWindow(writer=writer, schedule=schedule, steps_per_epoch=spe,
+                        total_steps=total_steps, batch_size=batch_size, nan_policy=nan_policy,
+                        skipped_total=skipped_total, bar=bar, text_to_stderr=not show_bar)
   train_time = 0.0
-  bar = _progress(total=total_steps, desc="train", enabled=bool(config.train.progress_bar),
-                  initial=start_step)
-  stop_error: Exception | None = None
-
-  def flush_metrics() -> None:
-    nonlocal pending, window_start, window_images, skipped_total, consecutive_skips
-    if not pending:
-      return
-    fetched = jax.device_get([m for _, m in pending])
-    steps = [s for s, _ in pending]
-    finite = np.array([bool(m["finite"]) for m in fetched])
-    for s, f, m in zip(steps, finite, fetched):
-      if not f:
-        skipped_total += 1
-        consecutive_skips += 1
-        log.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped "
-                    "(%d skipped so far)", s, m["loss"], m["grad_norm"], skipped_total)
-        writer.event("nan_events", {"step": s, "loss": str(m["loss"]),
-                                    "grad_norm": str(m["grad_norm"]), "action": nan_policy})
-      else:
-        consecutive_skips = 0
-    good = [m for m, f in zip(fetched, finite) if f]
-    elapsed = max(time.time() - window_start, 1e-9)
-    row: dict[str, Any] = {}
-    if good:
-      for k in good[0]:
-        if k != "finite":
-          row[k] = float(np.mean([float(m[k]) for m in good]))
-    row["lr"] = float(schedule(steps[-1] - 1))
-    row["img_per_s"] = window_images / elapsed
-    row["steps_per_s"] = len(steps) / elapsed
-    row["skipped_steps"] = skipped_total
-    row["epoch"] = (steps[-1]) / spe
-    writer.scalars(steps[-1], row)
-    postfix = {"loss": f"{row.get('loss', float('nan')):.4f}", "img/s": f"{row['img_per_s']:.1f}"}
-    if skipped_total:
-      postfix["skipped"] = skipped_total
-    bar.set_postfix(postfix, refresh=False)
-    pending = []
-    window_start, window_images = time.time(), 0
+  stop_error: BaseException | None = None
 
   try:
     with ckpt_lib.TerminationRequest((signal.SIGTERM, signal.SIGINT)) as term:
@@ -544,33 +454,33 @@ def train(config, workdir: str | None = None) -> TrainResult:
             gb = shard_lib.global_batch(batch, mesh)
             state, metrics = train_step(state, gb)
             step += 1
-            window_images += int(config.train.batch_size)
-            pending.append((step, metrics))
+            window.add(step, metrics)
             bar.update(1)
-            must_check = nan_policy == "stop" or (max_skips > 0 and consecutive_skips > 0)
+            must_check = nan_policy == "stop" or (max_skips > 0 and window.consecutive_skips > 0)
             if must_check or step % log_every == 0 or step == total_steps:
               if nan_policy == "stop" and not bool(jax.device_get(metrics["finite"])):
-                flush_metrics()
+                window.flush()
                 raise NonFiniteLossError(
-                  f"non-finite loss ({float(metrics['loss'])}) or gradient norm at step {step}; "
-                  f"stopping (train.nan_policy='stop'). Parameters were not updated; the last "
+                  f"non-finite loss ({float(metrics['loss'])}), gradient norm or updated "
+                  f"state at step {step}; stopping (train.nan_policy='stop'). Parameters were "
+                  f"not updated; the last checkpoint (step {checkpointer.latest_step()}) is "
+                  "intact. Try a lower optimizer.lr, optimizer.grad_clip_norm > 0, or check "
+                  "the data."
+                )
+              window.flush()
+              if max_skips > 0 and window.consecutive_skips >= max_skips:
+                raise NonFiniteLossError(
+                  f"{window.consecutive_skips} consecutive steps up to step {step} had a "
+                  f"non-finite loss, gradient or updated state and were skipped "
+                  f"(train.max_consecutive_nan_skips={max_skips}); stopping. The last "
                   f"checkpoint (step {checkpointer.latest_step()}) is intact. Try a lower "
-                  "optimizer.lr, optimizer.grad_clip_norm > 0, or check the data."
+                  "optimizer.lr or optimizer.grad_clip_norm > 0."
                 )
-              flush_metrics()
-              if max_skips > 0 and consecutive_skips >= max_skips:
-                raise NonFiniteLossError(
-                  f"{consecutive_skips} consecutive steps up to step {step} had a non-finite "
-                  f"loss or gradient and were skipped (train.max_consecutive_nan_skips="
-                  f"{max_skips}); stopping. The last checkpoint (step "
-                  f"{checkpointer.latest_step()}) is intact. Try a lower optimizer.lr or "
-                  "optimizer.grad_clip_norm > 0."
-                )
-            if checkpointer.maybe_save(step, state, meta_at(step)):
-              pass
+            if checkpointer.due(step):
+              _save_checkpoint(checkpointer, step, state, meta_at(step))
             if ckpt_lib.any_process(term.requested):
-              flush_metrics()
-              checkpointer.save(step, state, meta_at(step))
+              window.flush()
+              _save_checkpoint(checkpointer, step, state, meta_at(step))
               checkpointer.wait()
               signum = term.signum or signal.SIGTERM
               raise TrainingInterrupted(
@@ -579,20 +489,23 @@ def train(config, workdir: str | None = None) -> TrainResult:
                 f"{workdir} to resume.",
                 step, signum,
               )
-            eval_every = int(config.train.eval_every)
             if eval_every and step % eval_every == 0 and step < total_steps:
-              flush_metrics()
+              window.flush()
               t_eval = time.time()
               evaluate(step, final=False)
-              window_start += time.time() - t_eval
+              window.pause(time.time() - t_eval)
             if step >= total_steps:
               break
         epoch, batch_in_epoch = epoch + 1, 0
-      flush_metrics()
+      window.flush()
       jax.block_until_ready(state)
       train_time = time.time() - t_loop
       bar.close()
-      checkpointer.save(step, state, meta_at(step))
+      if step > start_step and window.skipped_total - skipped_total == step - start_step:
+        raise NonFiniteLossError(
+          f"every step of this run ({start_step + 1}..{step}) was skipped as non-finite; "
+          "nothing was trained or saved. Check optimizer and loss settings.")
+      _save_checkpoint(checkpointer, step, state, meta_at(step))
   except BaseException as e:
     stop_error = e
     raise
@@ -614,9 +527,9 @@ def train(config, workdir: str | None = None) -> TrainResult:
       train_time_s=train_time,
       total_time_s=time.time() - t_start,
       steps_this_run=step - start_step,
-      skipped_steps=skipped_total,
+      skipped_steps=window.skipped_total,
       resumed_from=start_step,
-      train_images_per_s=(step - start_step) * int(config.train.batch_size) / max(train_time, 1e-9)
+      train_images_per_s=(step - start_step) * batch_size / max(train_time, 1e-9)
       if step > start_step else None,
       num_devices=mesh.devices.size,
       num_processes=n_proc,
@@ -666,14 +579,14 @@ def evaluate_checkpoint(
       config.optimizer, global_batch_size=int(config.train.batch_size), total_steps=max(1, spe),
       steps_per_epoch=spe,
     )
-    graphdef, abstract = abstract_state(config, tx, mesh)
+    graphdef, abstract = steps_lib.abstract_state(config, tx, mesh)
     if step is None:
       step, state, meta = checkpointer.restore_latest(abstract)
     else:
       state, meta = checkpointer.restore(step, abstract)
   finally:
     checkpointer.close()
-  detect_fn = make_eval_step(graphdef, config.eval, mesh,
+  detect_fn = steps_lib.make_eval_step(graphdef, config.eval, mesh,
                              param_shardings=jax.tree.map(lambda x: x.sharding, abstract["params"]),
                              rest_shardings=jax.tree.map(lambda x: x.sharding, abstract["rest"]))
   n_plot = int(config.eval.num_plot_images) if plots_enabled else 0

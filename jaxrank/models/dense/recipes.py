@@ -29,212 +29,21 @@ and is averaged over groups.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from jax import lax
 
 from jaxrank import losses, ops
-from jaxrank.losses import parameterized
-from jaxrank.models.detector import DetectorOutputs, DetectorStatic, default_model_config
+from jaxrank.models.dense.config import (ATSS_TOPK, DetectorStatic, LossSettings,
+                                         check_loss_config)
 
-ATSS_TOPK = 9
-
-
-class Recipe(NamedTuple):
-  """Published settings of one loss recipe."""
-  detector: str
-  assigner: str
-  cls_loss: str            # focal | ap | alrp | rank_sort | bucketed_rank_sort | bucketed_ap | pap
-  delta: float | None
-  box_loss: str            # smooth_l1 | giou | weighted_giou | alrp | pap
-  balance: str             # fixed | value_ratio | self_balance
-  box_weight: float
-  beta: float = 1.0
-  box_mean_over_coords: bool = False
-
-
-RECIPES = {
-    "focal_smooth_l1": Recipe("retinanet", "max_iou", "focal", None, "smooth_l1", "fixed", 1.0,
-                              beta=0.11),
-    "focal_giou": Recipe("retinanet", "max_iou", "focal", None, "giou", "fixed", 2.0),
-    "ap_smooth_l1": Recipe("retinanet", "max_iou", "ap", 1.0, "smooth_l1", "fixed", 1.0, beta=1.0,
-                           box_mean_over_coords=True),
-    "alrp": Recipe("retinanet", "max_iou", "alrp", 1.0, "alrp", "self_balance", 1.0),
-    "rank_sort": Recipe("atss", "atss", "rank_sort", 0.5, "weighted_giou", "value_ratio", 1.0),
-    "bucketed_rank_sort": Recipe("atss", "atss", "bucketed_rank_sort", 0.5, "weighted_giou",
-                                 "value_ratio", 1.0),
-    "bucketed_ap": Recipe("atss", "atss", "bucketed_ap", 1.0, "weighted_giou", "fixed", 2.0),
-    "pap": Recipe("retinanet", "max_iou", "pap", None, "pap", "fixed", 0.0),
-}
-LOSS_NAMES = tuple(RECIPES)
-ASSIGNERS = ("max_iou", "atss")
 _RANKING = {
     "ap": losses.ap_loss,
     "rank_sort": losses.rank_sort_loss,
     "bucketed_rank_sort": losses.bucketed_rank_sort_loss,
     "bucketed_ap": losses.bucketed_ap_loss,
 }
-
-
-def default_loss_config(name: str = "focal_smooth_l1") -> ml_collections.ConfigDict:
-  """All loss fields; ``None`` means the published value of the recipe ``name``.
-
-  Fields: ``name``; ``delta`` (smoothing of the ranking losses); ``assigner`` ('max_iou' or
-  'atss'); ``max_positives_per_image`` (sizes the ranking losses' static positive slots: a
-  group of ``b`` images gets ``b * min(this, anchors, max_boxes * 9 * levels for ATSS)``; more
-  positives give a NaN loss); ``alrp_period`` (self-balance period in steps; 0 = one epoch, set
-  by the trainer); ``alrp_initial_weight``; ``box_loss_weight`` (a number replaces the
-  published balance by a fixed weight); ``ranking_groups`` (1 = one ranking over the batch;
-  G = G groups ranked separately, as G devices); ``pap_preset`` (PAP: a name in
-  :data:`jaxrank.losses.PRESETS`, default 'retinanet'); ``pap_theta`` (PAP: 41 numbers in
-  [0, 1] as searched, see :func:`jaxrank.losses.params_from_theta`; replaces the preset);
-  ``pap_top_k`` (PAP: rows of the loss, the published 1e5).
-  """
-  if name not in RECIPES:
-    raise ValueError(f"loss_config.name must be one of {LOSS_NAMES}, got {name!r}")
-  return ml_collections.ConfigDict({
-      "name": name,
-      "delta": None,
-      "assigner": None,
-      "max_positives_per_image": 1000,
-      "alrp_period": 0,
-      "alrp_initial_weight": 50.0,
-      "box_loss_weight": None,
-      "ranking_groups": 1,
-      "pap_preset": "retinanet",
-      "pap_theta": None,
-      "pap_top_k": 100_000,
-  })
-
-
-_FIELDS = tuple(default_loss_config().keys())
-
-
-def recipe_model_config(name: str) -> ml_collections.ConfigDict:
-  """The model config of the detector that recipe ``name`` was published with.
-
-  RS-ATSS: 3 anchors per location; AP Loss RetinaNet: 6 (ratios 0.5/1/2, 2 scales); aLRP
-  RetinaNet: 2 (ratio 1, 2 scales); PAP RetinaNet: 6; focal RetinaNet: 9.
-  """
-  if name not in RECIPES:
-    raise ValueError(f"loss_config.name must be one of {LOSS_NAMES}, got {name!r}")
-  config = default_model_config(RECIPES[name].detector)
-  if name in ("ap_smooth_l1", "pap"):
-    config.scales_per_octave = 2
-  elif name == "alrp":
-    config.anchor_ratios = (1.0,)
-    config.scales_per_octave = 2
-  return config
-
-
-class Resolved(NamedTuple):
-  name: str
-  recipe: Recipe
-  assigner: str
-  delta: float | None
-  max_positives_per_image: int
-  alrp_period: int
-  fixed_weight: float | None
-  groups: int
-  pap_top_k: int
-
-
-def check_loss_config(loss_config) -> Resolved:
-  """Validates ``loss_config`` (``ValueError`` naming the field) and fills in the defaults."""
-  unknown = sorted(set(loss_config.keys()) - set(_FIELDS))
-  if unknown:
-    raise ValueError(f"unknown loss_config field(s) {unknown}; expected {_FIELDS}")
-  missing = [f for f in _FIELDS if f not in loss_config]
-  if missing:
-    raise ValueError(f"loss_config is missing field(s) {missing}")
-  name = loss_config.name
-  if name not in RECIPES:
-    raise ValueError(f"loss_config.name must be one of {LOSS_NAMES}, got {name!r}")
-  recipe = RECIPES[name]
-  assigner = recipe.assigner if loss_config.assigner is None else loss_config.assigner
-  if assigner not in ASSIGNERS:
-    raise ValueError(f"loss_config.assigner must be one of {ASSIGNERS} or None, got {assigner!r}")
-  delta = recipe.delta
-  if loss_config.delta is not None:
-    if recipe.delta is None:
-      raise ValueError(f"loss_config.delta must be None for {name!r} (it has no delta)")
-    delta = _number(loss_config.delta, "delta")
-    positive_only = recipe.cls_loss in ("ap", "alrp")
-    if delta < 0 or (delta == 0 and positive_only):
-      raise ValueError(f"loss_config.delta must be {'> 0' if positive_only else '>= 0'}, "
-                       f"got {delta}")
-  max_pos = _count(loss_config.max_positives_per_image, "max_positives_per_image", 1)
-  period = _count(loss_config.alrp_period, "alrp_period", 0)
-  _number(loss_config.alrp_initial_weight, "alrp_initial_weight")
-  fixed = None
-  if loss_config.box_loss_weight is not None:
-    fixed = _number(loss_config.box_loss_weight, "box_loss_weight")
-    if fixed < 0:
-      raise ValueError(f"loss_config.box_loss_weight must be >= 0, got {fixed}")
-  elif recipe.balance == "fixed":
-    fixed = recipe.box_weight
-  groups = _count(loss_config.ranking_groups, "ranking_groups", 1)
-  top_k = _count(loss_config.pap_top_k, "pap_top_k", 1)
-  if recipe.cls_loss == "pap":
-    if loss_config.box_loss_weight is not None:
-      raise ValueError("loss_config.box_loss_weight must be None for 'pap' (PAP is the only "
-                       "loss; the box branch's gradient scale is part of the PAP parameters)")
-    _pap_theta(loss_config)
-  return Resolved(name, recipe, assigner, delta, max_pos, period, fixed, groups, top_k)
-
-
-def _pap_theta(loss_config) -> list[float] | None:
-  """The validated ``pap_theta`` (None when unset, then ``pap_preset`` is checked)."""
-  theta = loss_config.pap_theta
-  if theta is None:
-    if loss_config.pap_preset not in losses.PRESETS:
-      raise ValueError(f"loss_config.pap_preset must be one of {tuple(losses.PRESETS)}, got "
-                       f"{loss_config.pap_preset!r}")
-    return None
-  try:
-    values = [float(v) for v in theta]
-  except (TypeError, ValueError):
-    raise ValueError(f"loss_config.pap_theta must be {parameterized.NUM_SEARCH_PARAMS} numbers in "
-                     f"[0, 1], got {theta!r}") from None
-  if len(values) != parameterized.NUM_SEARCH_PARAMS or not all(0.0 <= v <= 1.0 for v in values):
-    raise ValueError(f"loss_config.pap_theta must be {parameterized.NUM_SEARCH_PARAMS} numbers in "
-                     f"[0, 1], got {len(values)} values {values}")
-  return values
-
-
-def pap_params(loss_config) -> losses.PAPParams:
-  """The PAP functions of ``loss_config`` (``pap_theta`` if set, else ``pap_preset``) as
-  float32 arrays."""
-  theta = _pap_theta(loss_config)
-  params = (losses.PRESETS[loss_config.pap_preset] if theta is None
-            else losses.params_from_theta(jnp.asarray(theta, jnp.float32)))
-  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-
-
-def _number(value, field):
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise ValueError(f"loss_config.{field} must be a number, got {value!r}")
-  return float(value)
-
-
-def _count(value, field, low):
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    raise ValueError(f"loss_config.{field} must be an int >= {low}, got {value!r}")
-  return int(value)
-
-
-def init_loss_state(loss_config):
-  """aLRP's :class:`jaxrank.losses.SelfBalanceState`, PAP's :class:`jaxrank.losses.PAPParams`
-  (constant during training); an empty dict for the other recipes."""
-  resolved = check_loss_config(loss_config)
-  if resolved.recipe.cls_loss == "pap":
-    return pap_params(loss_config)
-  if resolved.recipe.balance == "self_balance" and resolved.fixed_weight is None:
-    return losses.alrp_self_balance_init(float(loss_config.alrp_initial_weight))
-  return {}
 
 
 def _assign(assigner, static: DetectorStatic, anchors, gt_boxes, gt_mask):
@@ -246,14 +55,14 @@ def _assign(assigner, static: DetectorStatic, anchors, gt_boxes, gt_mask):
   return jax.vmap(fn)(gt_boxes, gt_mask)
 
 
-def _positive_slots(resolved: Resolved, static: DetectorStatic, num_anchors, max_boxes):
+def _positive_slots(resolved: LossSettings, static: DetectorStatic, num_anchors, max_boxes):
   per_image = min(resolved.max_positives_per_image, num_anchors)
   if resolved.assigner == "atss":
     per_image = min(per_image, max(1, max_boxes) * ATSS_TOPK * len(static.num_anchors_per_level))
   return per_image
 
 
-def _group_loss(g, *, resolved: Resolved, static: DetectorStatic, anchors, slots, alrp_weight,
+def _group_loss(g, *, resolved: LossSettings, static: DetectorStatic, anchors, slots, alrp_weight,
                 pap_params):
   """Loss of one ranking group; ``g`` holds ``[b, A, ...]`` arrays."""
   recipe = resolved.recipe
@@ -316,12 +125,13 @@ def _group_loss(g, *, resolved: Resolved, static: DetectorStatic, anchors, slots
   return total, metrics
 
 
-def detection_loss(detector_static: DetectorStatic, outputs: DetectorOutputs, batch: dict,
-                   loss_config, loss_state):
+def detection_loss(detector_static: DetectorStatic, outputs, batch: dict,
+                   loss_config: LossSettings, loss_state):
   """The training loss of one batch: ``(loss, (metrics, new_loss_state))``.
 
-  Pure and jit-able (``detector_static`` from ``Detector.static_info()``, ``loss_config`` a
-  ConfigDict closed over). Padding examples (``batch['valid']`` False) and padded boxes
+  Pure and jit-able (``detector_static`` from ``DenseDetector.static_info()``;
+  ``loss_config`` the :class:`LossSettings` of ``check_loss_config``, or a loss ConfigDict,
+  then checked on every call). Padding examples (``batch['valid']`` False) and padded boxes
   contribute nothing; images without boxes give negatives only. Metrics: ``loss``,
   ``cls_loss`` (the classification or ranking loss), ``box_loss`` (before weighting),
   ``box_weight``, ``num_positives`` (anchors, whole batch), ``ranking_loss`` and
@@ -329,7 +139,8 @@ def detection_loss(detector_static: DetectorStatic, outputs: DetectorOutputs, ba
   ranking groups, except ``num_positives``, a sum. PAP: ``loss = cls_loss`` is the PAP
   loss, ``box_loss`` the mean GIoU loss of the positives (reported, not optimised).
   """
-  resolved = check_loss_config(loss_config)
+  resolved = (loss_config if isinstance(loss_config, LossSettings)
+              else check_loss_config(loss_config))
   static = detector_static
   logits = jnp.asarray(outputs.class_logits, jnp.float32)
   deltas = jnp.asarray(outputs.box_deltas, jnp.float32)
@@ -342,12 +153,12 @@ def detection_loss(detector_static: DetectorStatic, outputs: DetectorOutputs, ba
   batch_size, num_anchors, num_classes = logits.shape
   groups = resolved.groups
   if batch_size % groups:
-    raise ValueError(f"loss_config.ranking_groups={groups} must divide the batch size {batch_size}")
-  if resolved.recipe.balance == "self_balance" and resolved.fixed_weight is None:
+    raise ValueError(f"loss.ranking_groups={groups} must divide the batch size {batch_size}")
+  if resolved.self_balanced:
     if not isinstance(loss_state, losses.SelfBalanceState):
       raise ValueError("aLRP needs loss_state = init_loss_state(loss_config)")
     if resolved.alrp_period < 1:
-      raise ValueError("loss_config.alrp_period must be >= 1 (0 means one epoch: the trainer "
+      raise ValueError("loss.alrp_period must be >= 1 (0 means one epoch: the trainer "
                        "sets it to the steps per epoch)")
   pap = None
   if resolved.recipe.cls_loss == "pap":

@@ -1,0 +1,169 @@
+"""The detector interface: all that the trainer, the evaluation, the search and the benchmarks
+see of a detector.
+
+A *detector family* (dense one-stage, two-stage, query-based, ...) owns its modules, loss
+recipes, assigners and post-processing, and is used through a :class:`DetectorFamily`
+registered under the ``model.name`` values it builds. The detector it builds is a Flax NNX
+module with the :class:`Detector` methods:
+
+* ``loss(batch, loss_state) -> (loss, metrics, new_loss_state)``: the training loss of a
+  batch, free to use the ground truth however the family needs (assignment, sampling,
+  matching, queries built from the targets);
+* ``detect(images, **post) -> ops.Detections``: post-processed detections for inference.
+
+``batch`` is the dict of :mod:`jaxrank.data`: ``image [B, S, S, 3]`` float32 (normalised,
+padded), ``boxes [B, M, 4]`` xyxy pixels of the ``S x S`` frame, ``labels [B, M]`` (0-based),
+``box_mask [B, M]``, ``valid [B]`` (False for padding examples) and ``image_id [B]``.
+
+The loss state is a pytree carried by the trainer (e.g. aLRP's self-balance weight). A loss
+named ``'pap'`` keeps its :class:`jaxrank.losses.PAPParams` as the whole loss state, so the
+Parameterized AP search can ``vmap`` a training step over it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import ml_collections
+from flax import nnx
+
+from jaxrank import ops
+from jaxrank.validation import ConfigError, Section
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class Detector(Protocol):
+  """What every family's detector module offers (see the module docstring)."""
+
+  image_size: int
+  num_classes: int
+
+  def loss(self, batch: dict[str, jax.Array], loss_state: Any
+           ) -> tuple[jax.Array, dict[str, jax.Array], Any]: ...
+
+  def detect(self, images: jax.Array, *, score_threshold: float, max_detections: int,
+             iou_threshold: float, pre_nms_top_k: int) -> ops.Detections: ...
+
+
+class TrainingSetup(NamedTuple):
+  """What the trainer knows when it fixes the loss config of a run."""
+  num_devices: int
+  steps_per_epoch: int
+  per_device_ranking: bool  # ``train.ranking == 'per_device'``: one ranking per device
+
+
+def no_loss_state(model_config, loss_config) -> dict:
+  del model_config, loss_config
+  return {}
+
+
+def unchanged_loss_config(loss_config, setup: TrainingSetup):
+  del setup
+  return loss_config
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorFamily:
+  """A detector family, as the trainer sees it.
+
+  Attributes:
+    name: the family's name (e.g. ``'dense'``).
+    model_names: the ``model.name`` values it builds.
+    default_model_config: ``(model_name) -> ConfigDict`` with every model field; it has
+      ``name``, ``image_size`` and ``num_classes`` like every family's.
+    default_loss_config: ``(loss_name) -> ConfigDict`` with every loss field (``name`` too).
+    check_config: ``(model_config, loss_config) -> None``; raises
+      :class:`jaxrank.validation.ConfigError` naming ``'model.FIELD'`` or ``'loss.FIELD'``.
+    build: ``(model_config, loss_config, *, rngs) -> Detector`` (an ``nnx.Module``).
+    init_loss_state: ``(model_config, loss_config) -> pytree``.
+    prepare_loss_config: ``(loss_config, TrainingSetup) -> loss_config``, the fields the
+      trainer fixes for a run (a copy; e.g. one ranking group per device).
+    loss_names: the ``loss.name`` values it trains with.
+    published_model_config: ``(loss_name) -> ConfigDict``, the model config a loss was
+      published with (default: the first model name's defaults).
+  """
+  name: str
+  model_names: tuple[str, ...]
+  default_model_config: Callable[[str], ConfigDict]
+  default_loss_config: Callable[[str], ConfigDict]
+  check_config: Callable[[ConfigDict, ConfigDict], None]
+  build: Callable[..., nnx.Module]
+  init_loss_state: Callable[[ConfigDict, ConfigDict], Any] = no_loss_state
+  prepare_loss_config: Callable[[ConfigDict, TrainingSetup], ConfigDict] = unchanged_loss_config
+  loss_names: tuple[str, ...] = ()
+  published_model_config: Callable[[str], ConfigDict] | None = None
+
+  def model_config_for_loss(self, loss_name: str) -> ConfigDict:
+    """The model config ``loss_name`` was published with."""
+    if self.published_model_config is not None:
+      return self.published_model_config(loss_name)
+    return self.default_model_config(self.model_names[0])
+
+
+_FAMILIES: dict[str, DetectorFamily] = {}
+
+
+def register_family(family: DetectorFamily, *, replace: bool = False) -> DetectorFamily:
+  """Makes ``family`` build its ``model_names``; a name taken by another family is an error
+  unless ``replace``."""
+  for model_name in family.model_names:
+    other = _FAMILIES.get(model_name)
+    if other is not None and other.name != family.name and not replace:
+      raise ValueError(f"model name {model_name!r} is already built by family {other.name!r}")
+  for model_name in family.model_names:
+    _FAMILIES[model_name] = family
+  return family
+
+
+def unregister_family(name: str) -> None:
+  """Removes the family called ``name`` (for tests)."""
+  for model_name in [m for m, f in _FAMILIES.items() if f.name == name]:
+    del _FAMILIES[model_name]
+
+
+def model_names() -> tuple[str, ...]:
+  """Every registered ``model.name``."""
+  return tuple(_FAMILIES)
+
+
+def family_of(model_config) -> DetectorFamily:
+  """The family that builds ``model_config.name``."""
+  name = model_config.get("name") if hasattr(model_config, "get") else None
+  if name not in _FAMILIES:
+    raise ConfigError(f"config key 'model.name' must be one of "
+                      f"{', '.join(map(repr, _FAMILIES))}; got {name!r}")
+  return _FAMILIES[name]
+
+
+def default_model_config(name: str) -> ConfigDict:
+  """The model fields of ``model.name = name``, from its family."""
+  return family_of({"name": name}).default_model_config(name)
+
+
+def check_config(model_config, loss_config) -> None:
+  """Checks the ``model`` and ``loss`` sections (:class:`ConfigError` naming the field)."""
+  model = Section(model_config, "model")
+  model.integer("image_size", min=32)
+  model.integer("num_classes", min=1)
+  family_of(model_config).check_config(model_config, loss_config)
+
+
+def build_detector(model_config, loss_config, *, rngs: nnx.Rngs) -> Detector:
+  """The detector of ``model_config`` trained with ``loss_config`` (checked first)."""
+  check_config(model_config, loss_config)
+  return family_of(model_config).build(model_config, loss_config, rngs=rngs)
+
+
+def init_loss_state(model_config, loss_config) -> Any:
+  """The initial loss state of a run."""
+  return family_of(model_config).init_loss_state(model_config, loss_config)
+
+
+def prepare_loss_config(model_config, loss_config, setup: TrainingSetup):
+  """The loss config with the fields the trainer fixes for a run (see
+  :attr:`DetectorFamily.prepare_loss_config`)."""
+  return family_of(model_config).prepare_loss_config(loss_config, setup)
