@@ -371,6 +371,7 @@ def train(config, workdir: str | None = None) -> TrainResult:
       log_lib.write_json(kept, saved_config)
       log.warning("the previous config.json is kept as %s", kept)
     log_lib.write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
+    log_lib.write_json(os.path.join(workdir, "class_names.json"), list(val_ds.class_names))
 
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
   if steps_lib.param_sharding_mode(config) == "fsdp":
