@@ -22,12 +22,21 @@ def _relevant(s, pos, neg, delta):
   return neg[s[neg] >= tau]
 
 
-def ap_loss(logits, targets, delta=1.0):
-  """Returns (loss, grad) of AP Loss, spec section 2."""
+def _errors(s, pos, ranking, sorting=None):
+  """Per-entry (ranking, sorting) errors, zero outside positives."""
+  out = np.zeros((2, len(s)))
+  out[0, pos] = ranking
+  if sorting is not None:
+    out[1, pos] = sorting
+  return out
+
+
+def ap_loss(logits, targets, delta=1.0, return_errors=False):
+  """Returns (loss, grad) of AP Loss, spec section 2; and the per-entry errors if asked."""
   s, _, pos, neg = _split(logits, targets)
   grad = np.zeros_like(s)
   if len(pos) == 0:
-    return 0.0, grad
+    return (0.0, grad, _errors(s, pos, [])) if return_errors else (0.0, grad)
   neg = _relevant(s, pos, neg, delta)
   n = len(pos)
   hpp = step(s[pos][None, :] - s[pos][:, None], delta)
@@ -50,17 +59,21 @@ def ap_loss(logits, targets, delta=1.0):
   loss = 1 - interp.mean()
   grad[pos] = -(1 - interp) / n
   grad[neg] = (weight[:, None] * hpn / rank[:, None]).sum(0) / n
+  if return_errors:
+    return loss, grad, _errors(s, pos, 1 - interp)
   return loss, grad
 
 
-def alrp_loss(logits, targets, loc_errors, delta=1.0):
-  """Returns (cls, loc, grad_logits, grad_loc) of aLRP Loss, spec section 3."""
+def alrp_loss(logits, targets, loc_errors, delta=1.0, return_errors=False):
+  """Returns (cls, loc, grad_logits, grad_loc) of aLRP Loss, spec section 3; and the per-entry
+  errors if asked."""
   s, _, pos, neg = _split(logits, targets)
   e_all = np.asarray(loc_errors, np.float64).ravel()
   grad = np.zeros_like(s)
   grad_loc = np.zeros_like(s)
   if len(pos) == 0:
-    return 0.0, 0.0, grad, grad_loc
+    out = (0.0, 0.0, grad, grad_loc)
+    return out + (_errors(s, pos, []),) if return_errors else out
   neg = _relevant(s, pos, neg, delta)
   n = len(pos)
   e = e_all[pos]
@@ -82,6 +95,8 @@ def alrp_loss(logits, targets, loc_errors, delta=1.0):
   loc = (prefix / rank[order]).sum() / n
   inv = np.cumsum((1.0 / rank[order])[::-1])[::-1] / n  # Σ_{m >= m'} 1/rank
   grad_loc[pos[order]] = inv
+  if return_errors:
+    return cls, loc, grad, grad_loc, _errors(s, pos, nfp / rank)
   return cls, loc, grad, grad_loc
 
 
@@ -115,20 +130,22 @@ def _rs_like(s, pos, neg_stats, y_pos, delta, sorting=True):
   has_fp = nfp > 1e-10
   grad_pos = (-np.where(has_fp, re, 0.0) + sorting_grad) / n
   grad_neg = (np.where(has_fp, re / np.where(has_fp, nfp, 1.0), 0.0)[:, None] * hpn).sum(0) / n
-  return re.mean(), se.mean(), grad_pos, grad_neg
+  return re.mean(), se.mean(), grad_pos, grad_neg, (re, se)
 
 
-def rank_sort_loss(logits, targets, delta=0.5):
-  """Returns (ranking, sorting, grad) of RS Loss, spec section 4."""
+def rank_sort_loss(logits, targets, delta=0.5, return_errors=False):
+  """Returns (ranking, sorting, grad) of RS Loss, spec section 4; and the errors if asked."""
   s, y, pos, neg = _split(logits, targets)
   grad = np.zeros_like(s)
   if len(pos) == 0:
-    return 0.0, 0.0, grad
+    return (0.0, 0.0, grad, _errors(s, pos, [])) if return_errors else (0.0, 0.0, grad)
   neg = _relevant(s, pos, neg, delta)
   hpn = step(s[neg][None, :] - s[pos][:, None], delta)
-  ranking, sorting, gp, gn = _rs_like(s, pos, (hpn, np.ones(len(neg))), y[pos], delta)
+  ranking, sorting, gp, gn, (re, se) = _rs_like(s, pos, (hpn, np.ones(len(neg))), y[pos], delta)
   grad[pos] = gp
   grad[neg] = gn
+  if return_errors:
+    return ranking, sorting, grad, _errors(s, pos, re, se)
   return ranking, sorting, grad
 
 
@@ -140,19 +157,39 @@ def buckets(logits, targets, delta):
   return neg, ids
 
 
-def bucketed_loss(logits, targets, delta, sorting):
-  """Returns (ranking, sorting, grad) of bucketed RS (sorting=True) or bucketed AP, spec 5."""
+def bucketed_loss(logits, targets, delta, sorting, return_errors=False):
+  """Returns (ranking, sorting, grad) of bucketed RS (sorting=True) or bucketed AP, spec 5; and
+  the per-entry errors if asked."""
   s, y, pos, _ = _split(logits, targets)
   grad = np.zeros_like(s)
   if len(pos) == 0:
-    return 0.0, 0.0, grad
+    return (0.0, 0.0, grad, _errors(s, pos, [])) if return_errors else (0.0, 0.0, grad)
   neg, ids = buckets(logits, targets, delta)
   labels = np.unique(ids)
   sizes = np.array([(ids == b).sum() for b in labels], np.float64)
   means = np.array([s[neg[ids == b]].mean() for b in labels])
   hpb = step(means[None, :] - s[pos][:, None], delta) if len(labels) else np.zeros((len(pos), 0))
-  ranking, sort, gp, gb = _rs_like(s, pos, (hpb, sizes), y[pos], delta, sorting=sorting)
+  ranking, sort, gp, gb, (re, se) = _rs_like(s, pos, (hpb, sizes), y[pos], delta, sorting=sorting)
   grad[pos] = gp
   for b, g in zip(labels, gb):
     grad[neg[ids == b]] = g  # bucket total n_b·g / n_b per member
+  if return_errors:
+    return ranking, sort, grad, _errors(s, pos, re, se)
   return ranking, sort, grad
+
+
+def ranking_errors(name, logits, targets, delta, loc_errors=None):
+  """``(loss value, [2, N] per-entry ranking and sorting errors)`` of loss ``name``."""
+  if name == "ap":
+    loss, _, errors = ap_loss(logits, targets, delta, return_errors=True)
+    return loss, errors
+  if name == "alrp":
+    loc = np.zeros(np.size(logits)) if loc_errors is None else loc_errors
+    cls, _, _, _, errors = alrp_loss(logits, targets, loc, delta, return_errors=True)
+    return cls, errors
+  if name == "rank_sort":
+    ranking, sorting, _, errors = rank_sort_loss(logits, targets, delta, return_errors=True)
+  else:
+    ranking, sorting, _, errors = bucketed_loss(logits, targets, delta, name == "bucketed_rank_sort",
+                                                return_errors=True)
+  return ranking + sorting, errors

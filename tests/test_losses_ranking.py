@@ -86,13 +86,19 @@ def test_large_logits_and_spread():
   assert_close("ap", logits, targets, 1.0, loss_tol=1e-4, grad_tol=1e-3)
 
 
-def test_alrp_matches_reference():
-  logits, targets = make_inputs(7, 2000, 40, iou=False)
+@pytest.mark.parametrize("delta,case", [(1.0, "plain"), (0.5, "plain"), (2.0, "plain"), (1.0, "ties"),
+                                        (0.5, "ties"), (1.0, "where")])
+def test_alrp_matches_reference(delta, case):
+  logits, targets = make_inputs(7, 2000, 40, iou=False, quantise=0.25 if case == "ties" else None)
   loc = np.random.default_rng(0).uniform(0, 2, size=logits.shape).astype(np.float32)
-  cls_ref, loc_ref, grad_ref, grad_loc_ref = ref.alrp_loss(logits, targets, loc)
+  where = np.ones(logits.shape, bool)
+  if case == "where":
+    where = np.random.default_rng(1).random(logits.shape) > 0.2
+  kept = np.where(where, targets, -1.0)  # where=False is the same as an ignored entry
+  cls_ref, loc_ref, grad_ref, grad_loc_ref = ref.alrp_loss(logits, kept, loc, delta)
 
   def f(x, e):
-    return losses.alrp_loss(x, jnp.asarray(targets), e)
+    return losses.alrp_loss(x, jnp.asarray(targets), e, delta=delta, where=where)
 
   (cls_loss, loc_loss) = jax.jit(f)(logits, loc)
   grad = jax.jit(jax.grad(lambda x, e: f(x, e)[0]))(logits, loc)
@@ -101,6 +107,10 @@ def test_alrp_matches_reference():
   np.testing.assert_allclose(grad, grad_ref, atol=1e-4 * np.abs(grad_ref).max())
   np.testing.assert_allclose(grad_loc, grad_loc_ref, atol=1e-6)
   assert float(jnp.abs(jax.grad(lambda x: f(x, loc)[1])(jnp.asarray(logits))).max()) == 0.0
+  errors = losses.ranking_errors(logits, targets, loss="alrp", delta=delta, where=where)
+  _, ref_errors = ref.ranking_errors("alrp", logits, kept, delta)
+  np.testing.assert_allclose(errors.ranking, ref_errors[0], atol=1e-5)
+  np.testing.assert_array_equal(errors.positive, kept > 0)
 
 
 @pytest.mark.parametrize("name", list(EXACT))
@@ -113,11 +123,15 @@ def test_gradient_invariants(name):
   assert abs(grad.sum()) < 1e-5
   assert np.all(grad[targets < 0] == 0)
   assert np.all(grad[neg & (logits < tau)] == 0)
-  errors = losses.ranking_errors(logits, targets, loss=name)
+  ref_value, ref_errors = ref.ranking_errors(name, logits, targets, delta)
   # positives lose exactly the mean ranking error (AP: the mean of 1 - interpolated precision)
-  np.testing.assert_allclose(grad[pos].sum(), -errors.ranking[pos].mean(), atol=1e-5)
+  np.testing.assert_allclose(grad[pos].sum(), -ref_errors[0][pos].mean(), atol=1e-5)
   value = float(fn(jnp.asarray(logits), jnp.asarray(targets)))
-  np.testing.assert_allclose(value, float(errors.ranking[pos].mean() + errors.sorting[pos].mean()), atol=1e-6)
+  np.testing.assert_allclose(value, ref_value, atol=2e-5)
+  errors = losses.ranking_errors(logits, targets, loss=name)
+  np.testing.assert_allclose(errors.ranking, ref_errors[0], atol=1e-5)
+  np.testing.assert_allclose(errors.sorting, ref_errors[1], atol=1e-5)
+  np.testing.assert_array_equal(errors.positive, targets > 0)
 
 
 def test_bucketed_rs_equals_rs_at_delta_zero_with_ties():
@@ -301,8 +315,26 @@ def test_sharded_equals_single_device():
   assert "sharded ok" in result.stdout, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("module", ["ranking", "bucketed", "classic"])
+# Public modules of jaxrank.losses: each must carry at least one docstring example.
+PUBLIC_MODULES = ("ranking", "bucketed", "parameterized", "classic", "balancing")
+
+
+def _loss_modules():
+  import pkgutil
+  import jaxrank.losses
+  return sorted(m.name for m in pkgutil.iter_modules(jaxrank.losses.__path__))
+
+
+def test_every_public_module_is_checked():
+  public = [m for m in _loss_modules() if not m.startswith("_")]
+  assert sorted(public) == sorted(PUBLIC_MODULES)
+
+
+@pytest.mark.parametrize("module", _loss_modules())
 def test_docstring_examples(module):
-  mod = __import__(f"jaxrank.losses.{module}", fromlist=["_"])
-  failures, _ = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  import importlib
+  mod = importlib.import_module(f"jaxrank.losses.{module}")
+  failures, attempted = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert failures == 0
+  if module in PUBLIC_MODULES:
+    assert attempted > 0, f"jaxrank.losses.{module} has no docstring example"

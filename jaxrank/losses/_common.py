@@ -28,12 +28,46 @@ def check_delta(delta, *, allow_zero: bool) -> float:
   return delta
 
 
-def _concrete(x):
+def concrete(x):
   """``x`` as a NumPy array if it is concrete (not traced), else None."""
   try:
     return np.asarray(x)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     return None
+
+
+def check_input(condition, *arrays, message: str):
+  """An input check that raises when it can and flags the result otherwise.
+
+  ``condition(xp, *arrays)`` is a scalar bool, true for bad input, written with ``xp`` (NumPy
+  or ``jax.numpy``). When every array is concrete it is evaluated in NumPy and a true result
+  raises ``ValueError(message)``; when one is traced the check cannot run, and the traced flag
+  is returned for the caller to make its result NaN (an eager pass returns a false flag).
+  """
+  values = [concrete(a) for a in arrays]
+  if all(v is not None for v in values):
+    if bool(condition(np, *values)):
+      raise ValueError(message)
+    return jnp.zeros((), bool)
+  return jnp.asarray(condition(jnp, *(jnp.asarray(a) for a in arrays)), bool)
+
+
+def check_where(where, shape=None, *, name: str):
+  """``where`` as a bool array (broadcast to ``shape`` if given); a mask that is neither bool
+  nor numeric (e.g. strings) is a TypeError, nonzero numbers count as True."""
+  dtype = getattr(where, "dtype", None)
+  if dtype is None:
+    dtype = np.asarray(where).dtype
+  if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.number)):
+    raise TypeError(f"{name}: where must be a boolean mask, got dtype {dtype}")
+  where = jnp.asarray(where)
+  if shape is None:
+    return where.astype(bool)
+  try:
+    where = jnp.broadcast_to(where, shape)
+  except ValueError as e:
+    raise ValueError(f"{name}: where of shape {where.shape} does not broadcast to {shape}") from e
+  return where.astype(bool)
 
 
 class Flat(NamedTuple):
@@ -43,13 +77,16 @@ class Flat(NamedTuple):
   positive: Array   # [N] bool
   negative: Array   # [N] bool
   finite: Array     # [] bool: every non-ignored logit is finite
+  invalid: Array    # [] bool: traced input that an eager call would reject (NaN result)
 
 
-def flatten(logits, targets, where, *, name: str, extra=None) -> Flat:
+def flatten(logits, targets, where, *, name: str, extra=None,
+            max_target: float | None = None) -> Flat:
   """Checks shapes and flattens ``logits``/``targets``/``where`` to float32 vectors.
 
-  Entries with ``targets < 0`` (the published ``-1``), NaN targets or ``where == False`` are
-  ignored; ``targets > 0`` are positives, ``targets == 0`` negatives.
+  Entries with ``targets < 0`` (the published ``-1``) or ``where == False`` are ignored;
+  ``targets > 0`` are positives, ``targets == 0`` negatives. NaN targets, and targets above
+  ``max_target`` when given, raise for concrete targets and set ``invalid`` for traced ones.
   """
   logits = jnp.asarray(logits)
   targets = jnp.asarray(targets)
@@ -62,25 +99,24 @@ def flatten(logits, targets, where, *, name: str, extra=None) -> Flat:
   for arr_name, arr in (extra or {}).items():
     if jnp.shape(arr) != logits.shape:
       raise ValueError(f"{name}: {arr_name} must have the shape of logits {logits.shape}, got {jnp.shape(arr)}")
-  concrete_targets = _concrete(targets)
-  if concrete_targets is not None and np.isnan(concrete_targets.astype(np.float32)).any():
-    raise ValueError(f"{name}: targets contain NaN; use -1 (or where=False) to ignore an entry")
+  invalid = check_input(
+      lambda xp, y: xp.isnan(y.astype(xp.float32)).any(), targets,
+      message=f"{name}: targets contain NaN; use -1 (or where=False) to ignore an entry")
+  if max_target is not None:
+    invalid = invalid | check_input(
+        lambda xp, y: (y.astype(xp.float32) > max_target).any(), targets,
+        message=f"{name}: targets must be <= {max_target} (the IoU of a positive), got a larger one")
   s = logits.astype(jnp.float32).reshape(-1)
   # Targets closed over as constants would otherwise be constant-folded by XLA at compile
   # time, which is slower than computing on them.
   y = jax.lax.optimization_barrier(targets.astype(jnp.float32).reshape(-1))
   valid = y >= 0  # False for -1 and NaN
   if where is not None:
-    where = jnp.asarray(where)
-    try:
-      where = jnp.broadcast_to(where, logits.shape)
-    except ValueError as e:
-      raise ValueError(f"{name}: where of shape {where.shape} does not broadcast to logits {logits.shape}") from e
-    valid = valid & where.astype(bool).reshape(-1)
+    valid = valid & check_where(where, logits.shape, name=name).reshape(-1)
   positive = valid & (y > 0)
   negative = valid & (y == 0)
   finite = jnp.all(jnp.isfinite(s) | ~valid)
-  return Flat(s, y, positive, negative, finite)
+  return Flat(s, y, positive, negative, finite, invalid)
 
 
 def resolve_max_positives(max_positives, targets, *, name: str) -> int:
@@ -95,14 +131,14 @@ def resolve_max_positives(max_positives, targets, *, name: str) -> int:
     if int(max_positives) < 1:
       raise ValueError(f"{name}: max_positives must be >= 1, got {max_positives}")
     count = None
-    concrete_targets = _concrete(targets)
+    concrete_targets = concrete(targets)
     if concrete_targets is not None:
       count = int(np.sum(concrete_targets.astype(np.float32) > 0))
       if count > int(max_positives):
         raise ValueError(f"{name}: {count} positives exceed max_positives={int(max_positives)}")
     return int(max_positives)
   size = int(np.prod(jnp.shape(targets)))
-  concrete_targets = _concrete(targets)
+  concrete_targets = concrete(targets)
   if concrete_targets is None:
     return size
   count = int(np.sum(concrete_targets.astype(np.float32) > 0))
@@ -140,8 +176,8 @@ def gather_positives(flat: Flat, max_positives: int) -> Positives:
 
 
 def finish(values, grad, flat: Flat, pos: Positives):
-  """Zero for no positives; NaN for non-finite logits or positive overflow."""
-  bad = (~flat.finite) | pos.overflow
+  """Zero for no positives; NaN for non-finite logits, invalid traced input or positive overflow."""
+  bad = (~flat.finite) | flat.invalid | pos.overflow
   empty = pos.count == 0
   values = tuple(jnp.where(bad, jnp.nan, jnp.where(empty, 0.0, v)) for v in values)
   grad = jnp.where(bad, jnp.nan, jnp.where(empty, 0.0, grad))

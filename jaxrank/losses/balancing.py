@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxrank.losses._common import check_where
+
 Array = jax.Array
 
 
@@ -16,10 +18,17 @@ def weighted_mean(values, weights, *, where=None, eps: float = 1e-12):
   """``Σ w·v / Σ w`` over ``where``; the denominator is 1 when ``Σ w < eps`` (as published).
 
   RS uses it for the box loss with ``w_i = max_c sigmoid(s_ic)`` (detached) of each positive.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxrank import losses
+    >>> float(losses.weighted_mean(jnp.array([1.0, 3.0, 5.0]), jnp.array([1.0, 3.0, 0.0])))
+    2.5
   """
   values = jnp.asarray(values, jnp.float32)
   weights = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), values.shape)
   if where is not None:
+    where = check_where(where, name="weighted_mean")
     values = jnp.where(where, values, 0.0)
     weights = jnp.where(where, weights, 0.0)
   total = jnp.sum(weights)

@@ -26,12 +26,17 @@ positives above it) plus O(P²) for the sorting part of bucketed RS.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
-from jaxrank.losses._common import Flat, Positives, finish, flatten, gather_positives
+from jaxrank.losses._common import Flat, Positives
 from jaxrank.losses._ramp import make_thresholds, ramp_values, searchsorted, window_sums
+from jaxrank.losses._shared import (MAX_IOU_TARGET, RS_EPS, LossParts, ranking_impl, sorting_part,
+                                    static_options, without_errors)
 from jaxrank.losses._vjp import error_driven
-from jaxrank.losses.ranking import RS_EPS, RankingErrors, _drop_errors, _per_entry, _sorting_part, _static
+
+__all__ = ["ERRORS", "bucketed_ap_loss", "bucketed_rank_sort_loss"]
 
 
 def _buckets(flat: Flat, pos: Positives, delta: float):
@@ -51,16 +56,12 @@ def _buckets(flat: Flat, pos: Positives, delta: float):
   return bucket, relevant, size, mean
 
 
-def _bucketed_impl(static, logits, targets, where, *, sorting: bool, name: str):
-  delta, max_positives = static
-  flat = flatten(logits, targets, where, name=name)
-  pos = gather_positives(flat, max_positives)
-  n = jnp.maximum(pos.count, 1).astype(jnp.float32)
+def _bucketed_body(flat: Flat, pos: Positives, n, delta: float, *, sorting: bool) -> LossParts:
   th = make_thresholds(pos.logits, delta)
   bucket, relevant, size, mean = _buckets(flat, pos, delta)
   nfp = window_sums(th, mean, size)
   if sorting:
-    rank_plus, sorting_error, sorting_grad = _sorting_part(pos, delta)
+    rank_plus, sorting_error, sorting_grad = sorting_part(pos, delta)
   else:
     rank_plus = window_sums(th, pos.logits, pos.mask)
     sorting_error = sorting_grad = jnp.zeros_like(rank_plus)
@@ -72,26 +73,20 @@ def _bucketed_impl(static, logits, targets, where, *, sorting: bool, name: str):
   grad = jnp.where(relevant, per_member[bucket], 0.0)
   grad = grad.at[pos.index].add(jnp.where(pos.mask, (sorting_grad - ranking_error) / n, 0.0))
   values = (jnp.sum(ranking_error) / n, jnp.sum(sorting_error) / n)
-  values, grad = finish(values, grad, flat, pos)
-  errors = RankingErrors(_per_entry(flat, pos, ranking_error), _per_entry(flat, pos, sorting_error),
-                         flat.positive)
-  return values, grad.reshape(logits.shape).astype(logits.dtype), errors
+  return LossParts(values, grad, ranking_error, sorting_error)
 
 
-def _bap_impl(static, logits, targets, where):
-  return _bucketed_impl(static, logits, targets, where, sorting=False, name="bucketed_ap_loss")
+_bap_impl = ranking_impl(functools.partial(_bucketed_body, sorting=False), name="bucketed_ap_loss")
+_brs_impl = ranking_impl(functools.partial(_bucketed_body, sorting=True),
+                         name="bucketed_rank_sort_loss", max_target=MAX_IOU_TARGET)
 
+_bap = error_driven(without_errors(_bap_impl), 2)
+_brs = error_driven(without_errors(_brs_impl), 2)
 
-def _brs_impl(static, logits, targets, where):
-  return _bucketed_impl(static, logits, targets, where, sorting=True, name="bucketed_rank_sort_loss")
-
-
-_bap = error_driven(_drop_errors(_bap_impl), 2)
-_brs = error_driven(_drop_errors(_brs_impl), 2)
-
+#: ``loss name: (impl, default delta, delta 0 allowed, largest target)`` for ``ranking_errors``.
 ERRORS = {
-    "bucketed_ap": (_bap_impl, 1.0, True),
-    "bucketed_rank_sort": (_brs_impl, 0.5, True),
+    "bucketed_ap": (_bap_impl, 1.0, True, None),
+    "bucketed_rank_sort": (_brs_impl, 0.5, True, MAX_IOU_TARGET),
 }
 
 
@@ -103,10 +98,19 @@ def bucketed_ap_loss(logits, targets, *, delta: float = 1.0, where=None, max_pos
                    {\sum_{k \in P} H_\delta(s_k - s_i) + \sum_b n_b H_\delta(\mu_b - s_i)}
 
   An approximation (see the module docstring). ``delta`` is 1.0 in the published ATSS head and
-  0.5 in its PAA head. Arguments and return value as :func:`jaxrank.losses.ap_loss`; ``delta =
-  0`` is allowed.
+  0.5 in its PAA head. Arguments, return value and bad-input results as
+  :func:`jaxrank.losses.ap_loss`; ``delta = 0`` is allowed.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxrank import losses
+    >>> logits = jnp.array([2.0, 1.0, 0.5, -1.0])
+    >>> targets = jnp.array([1.0, 0.0, 1.0, 0.0])
+    >>> round(float(losses.bucketed_ap_loss(logits, targets)), 4)
+    0.1667
   """
-  static = _static("bucketed_ap_loss", logits, targets, delta, max_positives, allow_zero=True, where=where)
+  static = static_options("bucketed_ap_loss", logits, targets, delta, max_positives, allow_zero=True,
+                          where=where)
   return _bap(static, logits, targets, where)[0]
 
 
@@ -116,10 +120,18 @@ def bucketed_rank_sort_loss(logits, targets, *, delta: float = 0.5, where=None,
 
   The sorting part is exactly that of :func:`jaxrank.losses.rank_sort_loss`; the ranking part
   uses ``N_FP(i) = Σ_b n_b H_δ(μ_b - s_i)``. An approximation at ``δ > 0``, exact at ``δ = 0``
-  (see the module docstring). Arguments and return value as
-  :func:`jaxrank.losses.rank_sort_loss`.
+  (see the module docstring). Arguments, return value and bad-input results (``targets > 1``:
+  ValueError, or NaN under ``jit``) as :func:`jaxrank.losses.rank_sort_loss`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxrank import losses
+    >>> logits = jnp.array([2.0, 1.0, 0.5, -1.0])
+    >>> targets = jnp.array([0.6, 0.0, 0.9, 0.0])
+    >>> round(float(losses.bucketed_rank_sort_loss(logits, targets)), 4)
+    0.3
   """
-  static = _static("bucketed_rank_sort_loss", logits, targets, delta, max_positives, allow_zero=True,
-                   where=where)
+  static = static_options("bucketed_rank_sort_loss", logits, targets, delta, max_positives,
+                          allow_zero=True, where=where, max_target=MAX_IOU_TARGET)
   ranking, sorting = _brs(static, logits, targets, where)
   return ranking + sorting

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrank.losses._common import flatten, gather_positives, resolve_max_positives
+from jaxrank.losses._common import check_input, flatten, gather_positives, resolve_max_positives
 
 Array = jax.Array
 
@@ -146,11 +146,13 @@ def knots_from_theta(theta, *, eps: float = THETA_EPS) -> Array:
   ``k = 2..4``, with ``(x_0, y_0) = (0, 0)`` and ``(x_5, y_5) = (1, 1)``: monotone knots for any
   ``θ``. ``θ = [0.2, 0.2, 0.25, 0.25, 1/3, 1/3, 0.5, 0.5]`` gives the identity. ``θ`` is
   clipped to ``[eps, 1 - eps]`` first (the published code does not clip; a sampled 0 or 1 gives
-  repeated knots, which :func:`piecewise_linear` also tolerates).
+  repeated knots, which :func:`piecewise_linear` also tolerates). A NaN in a concrete ``θ`` is a
+  ValueError; a traced one gives NaN knots, which make :func:`parameterized_ap_loss` NaN.
   """
   theta = jnp.asarray(theta)
   if theta.shape[-1:] != (NUM_THETA,):
     raise ValueError(f"theta must have shape [..., {NUM_THETA}], got {theta.shape}")
+  check_input(lambda xp, t: xp.isnan(t).any(), theta, message="theta contains NaN")
   theta = theta.astype(jnp.promote_types(theta.dtype, jnp.float32))
   if eps > 0:
     theta = jnp.clip(theta, eps, 1.0 - eps)
@@ -309,14 +311,34 @@ grad_scale.defvjp(_grad_scale_fwd, _grad_scale_bwd)
 # The loss
 
 
+def _decreasing_knots(xp, knots):
+  """True when the ``x`` or the ``y`` knots decrease somewhere or are NaN."""
+  rising = lambda k: (xp.diff(k, axis=-1) >= 0).all()
+  return ~(rising(knots[..., 0::2]) & rising(knots[..., 1::2]))
+
+
+def _nan_quality_at_positive(xp, targets, quality, where):
+  positive = (targets > 0) & xp.broadcast_to(xp.asarray(where, bool), targets.shape)
+  return (positive & xp.isnan(quality.astype(xp.float32))).any()
+
+
 def _knots(params: PAPParams):
+  """The five knot vectors as float32, and the traced flag of non-monotone or NaN knots."""
+  if not isinstance(params, PAPParams):
+    raise TypeError("parameterized_ap_loss: params must be a PAPParams (e.g. "
+                    f"PRESETS['retinanet'] or params_from_theta(theta)), got {type(params).__name__}")
   out = {}
+  invalid = jnp.zeros((), bool)
   for name in FUNCTION_ORDER:
     k = jnp.asarray(getattr(params, name)).astype(jnp.float32)
     if k.shape != (2 * NUM_KNOTS,):
       raise ValueError(f"parameterized_ap_loss: params.{name} must have shape [12], got {k.shape}")
+    invalid = invalid | check_input(
+        _decreasing_knots, getattr(params, name),
+        message=f"parameterized_ap_loss: params.{name} knots must be non-decreasing in x and y "
+                "and not NaN")
     out[name] = k
-  return out
+  return out, invalid
 
 
 def _block_rows(block_rows, rows: int, slots: int) -> int:
@@ -408,6 +430,13 @@ def parameterized_ap_loss(logits, targets, quality, params: PAPParams, *, top_k:
     The scalar loss (float32): 0 with zero gradient when there are no positives, NaN when a
     non-ignored logit is not finite or positives overflow ``max_positives``.
 
+  Raises:
+    TypeError: ``params`` is not a :class:`PAPParams` (e.g. a dict).
+    ValueError: NaN ``targets``, a NaN ``quality`` at a positive, or knots of ``params`` that
+      decrease (in ``x`` or ``y``) or are NaN (e.g. ``params_from_theta`` of a NaN ``θ``), when
+      these inputs are concrete. Traced (under ``jit``, ``vmap`` over params), the loss is NaN
+      instead.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from jaxrank import losses
@@ -427,7 +456,10 @@ def parameterized_ap_loss(logits, targets, quality, params: PAPParams, *, top_k:
   flat = flatten(logits, targets, where, name=name, extra={"quality": quality})
   if not jnp.issubdtype(jnp.asarray(quality).dtype, jnp.floating):
     raise TypeError(f"{name}: quality must be floating point, got {jnp.asarray(quality).dtype}")
-  knots = _knots(params)
+  knots, invalid = _knots(params)
+  invalid = invalid | check_input(_nan_quality_at_positive, targets, quality,
+                                  True if where is None else where,
+                                  message=f"{name}: quality is NaN at a positive")
   slots = resolve_max_positives(max_positives, targets, name=name)
   pos = gather_positives(flat, slots)
   u = jnp.where(flat.positive, jnp.asarray(quality).astype(jnp.float32).reshape(-1), 0.0)
@@ -464,5 +496,5 @@ def parameterized_ap_loss(logits, targets, quality, params: PAPParams, *, top_k:
   ell = ((1.0 - piecewise_linear(col_u, knots["i1"]))
          + num * piecewise_linear(col_u, knots["i3"]) / jnp.maximum(den, DENOMINATOR_EPS))
   loss = jnp.sum(jnp.where(pos.mask, ell, 0.0)) / (pos.count.astype(jnp.float32) + COUNT_EPS)
-  bad = (~flat.finite) | pos.overflow
+  bad = (~flat.finite) | flat.invalid | invalid | pos.overflow
   return jnp.where(bad, jnp.nan, loss)

@@ -24,36 +24,23 @@ References:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrank.losses import _pairwise
-from jaxrank.losses._common import (Flat, Positives, check_delta, finish, flatten, gather_positives,
-                                    resolve_max_positives, smoothed_step)
+from jaxrank.losses import bucketed
+from jaxrank.losses._common import Flat, Positives, check_input, flatten, smoothed_step
 from jaxrank.losses._ramp import bucketize, make_thresholds, ramp_values, window_sums
+from jaxrank.losses._shared import (MAX_IOU_TARGET, RS_EPS, LossParts, RankingErrors, per_entry,
+                                    ranking_impl, sorting_part, static_options, without_errors)
 from jaxrank.losses._vjp import error_driven
 
 Array = jax.Array
 
-RS_EPS = 1e-10
+__all__ = ["ALRP_EPS", "RS_EPS", "RankingErrors", "alrp_loss", "ap_loss", "rank_sort_loss",
+           "ranking_errors"]
+
 ALRP_EPS = 1e-5
-
-
-class RankingErrors(NamedTuple):
-  """Per-positive errors, laid out like ``logits`` (zero outside positives).
-
-  Attributes:
-    ranking: the ranking error of each positive: ``1 - p̃(i)`` for AP (interpolated precision),
-      ``N_FP(i) / rank(i)`` for aLRP, RS and the bucketed losses.
-    sorting: the sorting error ``SE(i)`` of RS and bucketed RS; zero for the other losses.
-    positive: which entries are positives.
-  """
-  ranking: Array
-  sorting: Array
-  positive: Array
 
 
 def _negative_sums(flat: Flat, pos: Positives, delta: float):
@@ -69,15 +56,7 @@ def _assemble(th, bucket, flat: Flat, pos: Positives, coeff, grad_pos):
   return grad.at[pos.index].add(jnp.where(pos.mask, grad_pos, 0.0))
 
 
-def _per_entry(flat: Flat, pos: Positives, values):
-  return jnp.zeros_like(flat.logits).at[pos.index].add(jnp.where(pos.mask, values, 0.0))
-
-
-def _ap_impl(static, logits, targets, where):
-  delta, max_positives = static
-  flat = flatten(logits, targets, where, name="ap_loss")
-  pos = gather_positives(flat, max_positives)
-  n = jnp.maximum(pos.count, 1).astype(jnp.float32)
+def _ap_body(flat: Flat, pos: Positives, n, delta: float) -> LossParts:
   th, bucket, nfp = _negative_sums(flat, pos, delta)
   rank_plus = window_sums(th, pos.logits, pos.mask) + (1.0 - smoothed_step(0.0, delta))
   rank = rank_plus + nfp
@@ -90,17 +69,12 @@ def _ap_impl(static, logits, targets, where):
   loss = jnp.sum(error) / n
   coeff = jnp.where(pos.mask, weight / rank / n, 0.0)
   grad = _assemble(th, bucket, flat, pos, coeff, -error / n)
-  (loss,), grad = finish((loss,), grad, flat, pos)
-  errors = RankingErrors(_per_entry(flat, pos, error), jnp.zeros_like(flat.logits), flat.positive)
-  return (loss,), grad.reshape(logits.shape).astype(logits.dtype), errors
+  return LossParts((loss,), grad, error)
 
 
-def _alrp_impl(static, logits, targets, loc_errors, where):
-  delta, max_positives = static
-  flat = flatten(logits, targets, where, name="alrp_loss")
-  pos = gather_positives(flat, max_positives)
-  n = jnp.maximum(pos.count, 1).astype(jnp.float32)
+def _alrp_body(flat: Flat, pos: Positives, n, delta: float, loc_errors) -> LossParts:
   loc = jnp.where(pos.mask, jnp.asarray(loc_errors, jnp.float32).reshape(-1)[pos.index], 0.0)
+  invalid = jnp.any(pos.mask & ~(loc >= 0))  # negative or NaN localisation error
   th, bucket, nfp = _negative_sums(flat, pos, delta)
   self_term = smoothed_step(0.0, delta)
   rank_plus = window_sums(th, pos.logits, pos.mask) + (1.0 - self_term)
@@ -115,57 +89,12 @@ def _alrp_impl(static, logits, targets, loc_errors, where):
   # L_loc = (1/|P|) Σ_m (Σ_{m'≤m} e_π(m')) / rank(π(m)) over descending logits π, rank constant,
   # is linear in e: weight of a positive = (1/|P|) Σ of 1/rank over it and every lower positive.
   loc_weight = jnp.cumsum(jnp.where(pos.mask, 1.0 / rank, 0.0)) / n
-  (cls_loss, loc_weight), grad = finish((cls_loss, _per_entry(flat, pos, loc_weight)), grad, flat, pos)
-  errors = RankingErrors(_per_entry(flat, pos, error), jnp.zeros_like(flat.logits), flat.positive)
-  return (cls_loss, loc_weight), grad.reshape(logits.shape).astype(logits.dtype), errors
+  return LossParts((cls_loss, per_entry(flat, pos, loc_weight)), grad, error, invalid=invalid)
 
 
-def _sorting_part(pos: Positives, delta: float):
-  """RS's positive-positive sums: ``rank⁺``, current and target sorting terms, ``D``, and the
-  sorting-pmf column sums, in blocks."""
-  block = _pairwise.block_size(pos.logits.shape[0])
-  s = _pairwise.pad_to_blocks(pos.logits, block, pos.logits[-1])
-  y = _pairwise.pad_to_blocks(pos.targets, block, 0.0)
-  m = _pairwise.pad_to_blocks(pos.mask.astype(jnp.float32), block, 0.0)
-  count = jnp.minimum(pos.count, pos.logits.shape[0])
-  slots = pos.logits.shape[0]
-
-  def relations(row_s, row_data, col_s, col_data):
-    row_y = row_data[0]
-    col_y, col_m = col_data
-    h = smoothed_step(col_s[None, :] - row_s[:, None], delta) * col_m[None, :]
-    higher_iou = jnp.where(col_y[None, :] >= row_y[:, None], h, 0.0)
-    residual = (1.0 - col_y)[None, :]
-    return h, h * residual, higher_iou, higher_iou * residual, h - higher_iou
-
-  rank_plus, current, target_den, target_num, missorted = _pairwise.row_sums(
-      relations, 5, s, (y, m), count, block=block, lower_reach=delta)
-  rank_plus, current, target_den, target_num, missorted = (
-      a[:slots] for a in (rank_plus, current, target_den, target_num, missorted))
-  safe = lambda d: jnp.where(pos.mask, d, 1.0)
-  sorting_error = jnp.where(pos.mask, current / safe(rank_plus) - target_num / safe(target_den), 0.0)
-  has_missorted = pos.mask & (missorted > RS_EPS)
-  pmf_scale = jnp.where(has_missorted, sorting_error / jnp.where(has_missorted, missorted, 1.0), 0.0)
-
-  def pmf(row_s, row_data, col_s, col_data):
-    row_y = row_data[0]
-    col_y, col_scale = col_data
-    h = smoothed_step(row_s[:, None] - col_s[None, :], delta)
-    return (jnp.where(col_y[None, :] > row_y[:, None], h * col_scale[None, :], 0.0),)
-
-  (received,) = _pairwise.row_sums(pmf, 1, s, (y, _pairwise.pad_to_blocks(pmf_scale, block, 0.0)),
-                                   count, block=block, upper_reach=delta)
-  sorting_grad = received[:slots] - jnp.where(has_missorted, sorting_error, 0.0)
-  return rank_plus, sorting_error, sorting_grad
-
-
-def _rank_sort_impl(static, logits, targets, where):
-  delta, max_positives = static
-  flat = flatten(logits, targets, where, name="rank_sort_loss")
-  pos = gather_positives(flat, max_positives)
-  n = jnp.maximum(pos.count, 1).astype(jnp.float32)
+def _rank_sort_body(flat: Flat, pos: Positives, n, delta: float) -> LossParts:
   th, bucket, nfp = _negative_sums(flat, pos, delta)
-  rank_plus, sorting_error, sorting_grad = _sorting_part(pos, delta)
+  rank_plus, sorting_error, sorting_grad = sorting_part(pos, delta)
   rank = jnp.where(pos.mask, rank_plus + nfp, 1.0)
   has_fp = pos.mask & (nfp > RS_EPS)
   ranking_error = jnp.where(pos.mask, nfp / rank, 0.0)
@@ -173,25 +102,16 @@ def _rank_sort_impl(static, logits, targets, where):
   coeff = jnp.where(has_fp, 1.0 / (rank * n), 0.0)  # RE(i) / N_FP(i) / |P|
   grad_pos = (sorting_grad - jnp.where(has_fp, ranking_error, 0.0)) / n
   grad = _assemble(th, bucket, flat, pos, coeff, grad_pos)
-  values, grad = finish(values, grad, flat, pos)
-  errors = RankingErrors(_per_entry(flat, pos, ranking_error), _per_entry(flat, pos, sorting_error),
-                         flat.positive)
-  return values, grad.reshape(logits.shape).astype(logits.dtype), errors
+  return LossParts(values, grad, ranking_error, sorting_error)
 
 
-def _drop_errors(impl):
-  return lambda *a: impl(*a)[:2]
+_ap_impl = ranking_impl(_ap_body, name="ap_loss")
+_alrp_impl = ranking_impl(_alrp_body, name="alrp_loss")
+_rank_sort_impl = ranking_impl(_rank_sort_body, name="rank_sort_loss", max_target=MAX_IOU_TARGET)
 
-
-_ap = error_driven(_drop_errors(_ap_impl), 2)
-_alrp = error_driven(_drop_errors(_alrp_impl), 3)
-_rank_sort = error_driven(_drop_errors(_rank_sort_impl), 2)
-
-
-def _static(name, logits, targets, delta, max_positives, *, allow_zero, where=None, extra=None):
-  flatten(logits, targets, where, name=name, extra=extra)  # shape and target checks
-  return (check_delta(delta, allow_zero=allow_zero),
-          resolve_max_positives(max_positives, targets, name=name))
+_ap = error_driven(without_errors(_ap_impl), 2)
+_alrp = error_driven(without_errors(_alrp_impl), 3)
+_rank_sort = error_driven(without_errors(_rank_sort_impl), 2)
 
 
 def ap_loss(logits, targets, *, delta: float = 1.0, where=None, max_positives: int | None = None) -> Array:
@@ -221,6 +141,11 @@ def ap_loss(logits, targets, *, delta: float = 1.0, where=None, max_positives: i
   Returns:
     The scalar loss (float32); 0 with zero gradient when there are no positives.
 
+  Raises:
+    ValueError: NaN ``targets`` (concrete). Under ``jit`` with traced targets the check cannot
+      run and the loss and its gradient are NaN instead; likewise for a non-finite logit of a
+      non-ignored entry and for more positives than ``max_positives``.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from jaxrank import losses
@@ -232,7 +157,8 @@ def ap_loss(logits, targets, *, delta: float = 1.0, where=None, max_positives: i
     >>> bool(abs(grad.sum()) < 1e-6)  # negatives get what positives lose
     True
   """
-  static = _static("ap_loss", logits, targets, delta, max_positives, allow_zero=False, where=where)
+  static = static_options("ap_loss", logits, targets, delta, max_positives, allow_zero=False,
+                          where=where)
   return _ap(static, logits, targets, where)[0]
 
 
@@ -266,9 +192,24 @@ def alrp_loss(logits, targets, loc_errors, *, delta: float = 1.0, where=None,
 
   Returns:
     ``(cls_loss, loc_loss)``, float32 scalars; zeros when there are no positives.
+
+  Raises:
+    ValueError: NaN ``targets``, or a negative or NaN ``loc_errors`` at a positive, when they
+      are concrete. Traced (under ``jit``), both losses and the gradient are NaN instead.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxrank import losses
+    >>> logits = jnp.array([2.0, 1.0, 0.5, -1.0])
+    >>> targets = jnp.array([1.0, 0.0, 1.0, 0.0])
+    >>> cls_loss, loc_loss = losses.alrp_loss(logits, targets, jnp.array([0.2, 0.0, 0.5, 0.0]))
+    >>> round(float(cls_loss), 4), round(float(loc_loss), 4)
+    (0.1364, 0.2273)
   """
-  static = _static("alrp_loss", logits, targets, delta, max_positives, allow_zero=False, where=where,
-                   extra={"loc_errors": loc_errors})
+  static = static_options("alrp_loss", logits, targets, delta, max_positives, allow_zero=False,
+                          where=where, extra={"loc_errors": loc_errors})
+  check_input(_negative_loc_at_positive, targets, loc_errors, True if where is None else where,
+              message="alrp_loss: loc_errors must be >= 0 (and not NaN) at positives")
   cls_loss, loc_weight = _alrp(static, logits, targets, lax.stop_gradient(loc_errors), where)
   flat = flatten(logits, targets, where, name="alrp_loss")
   loc = jnp.where(flat.positive, jnp.asarray(loc_errors).astype(jnp.float32).reshape(-1), 0.0)
@@ -302,6 +243,10 @@ def rank_sort_loss(logits, targets, *, delta: float = 0.5, where=None,
   Returns:
     The scalar ``ranking + sorting`` loss; use :func:`ranking_errors` for the two parts.
 
+  Raises:
+    ValueError: NaN ``targets`` or ``targets > 1`` (the targets of positives are IoUs), when
+      concrete. With traced targets (under ``jit``) the loss and its gradient are NaN instead.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from jaxrank import losses
@@ -310,15 +255,21 @@ def rank_sort_loss(logits, targets, *, delta: float = 0.5, where=None,
     >>> round(float(losses.rank_sort_loss(logits, targets)), 4)
     0.3
   """
-  static = _static("rank_sort_loss", logits, targets, delta, max_positives, allow_zero=True, where=where)
+  static = static_options("rank_sort_loss", logits, targets, delta, max_positives, allow_zero=True,
+                          where=where, max_target=MAX_IOU_TARGET)
   ranking, sorting = _rank_sort(static, logits, targets, where)
   return ranking + sorting
 
 
+def _negative_loc_at_positive(xp, targets, loc_errors, where):
+  positive = (targets > 0) & xp.broadcast_to(xp.asarray(where, bool), targets.shape)
+  return (positive & ~(loc_errors.astype(xp.float32) >= 0)).any()
+
+
 _ERRORS = {
-    "ap": (_ap_impl, 1.0, False),
-    "alrp": (_alrp_impl, 1.0, False),
-    "rank_sort": (_rank_sort_impl, 0.5, True),
+    "ap": (_ap_impl, 1.0, False, None),
+    "alrp": (_alrp_impl, 1.0, False, None),
+    "rank_sort": (_rank_sort_impl, 0.5, True, MAX_IOU_TARGET),
 }
 
 
@@ -335,13 +286,13 @@ def ranking_errors(logits, targets, *, loss: str = "rank_sort", delta: float | N
     delta: the loss's ``delta``; default as published for that loss.
     loc_errors: aLRP only; does not change the errors returned (defaults to zeros).
   """
-  from jaxrank.losses import bucketed  # noqa: PLC0415 - bucketed imports this module
   table = dict(_ERRORS, **bucketed.ERRORS)
   if loss not in table:
     raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(table)}")
-  impl, default_delta, allow_zero = table[loss]
+  impl, default_delta, allow_zero, max_target = table[loss]
   delta = default_delta if delta is None else delta
-  static = _static(loss, logits, targets, delta, max_positives, allow_zero=allow_zero, where=where)
+  static = static_options(loss, logits, targets, delta, max_positives, allow_zero=allow_zero,
+                          where=where, max_target=max_target)
   logits = lax.stop_gradient(jnp.asarray(logits))
   if loss == "alrp":
     loc = jnp.zeros(jnp.shape(logits)) if loc_errors is None else loc_errors
