@@ -132,6 +132,9 @@ def setup_logging(workdir: str | None = None, *, verbose: bool = False) -> None:
     root.setLevel(logging.WARNING)
   for name in ("absl", "orbax", "jax", "etils", "tensorstore", "matplotlib", "PIL"):
     logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+  for handler in [h for h in pkg.handlers if isinstance(h, logging.FileHandler)]:
+    pkg.removeHandler(handler)  # a previous run's train.log (several runs in one process)
+    handler.close()
   if workdir is not None:
     os.makedirs(workdir, exist_ok=True)
     fh = logging.FileHandler(os.path.join(workdir, "train.log"))
