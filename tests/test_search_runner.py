@@ -140,13 +140,13 @@ def test_search_command_line_one_round(tmp_path):
           "--config.train.num_steps=2", "--config.data.num_train=16", "--config.data.num_val=8",
           "--config.data.image_size=32", "--config.search.ppo_steps=5"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "1 of 2 rounds" in out.stdout
   for name in ("history.json", "search.png", "searched_config.py", "search.log", "checkpoints/1"):
     assert (workdir / name).exists(), name
   bad = subprocess.run(args[:5] + ["--config.search.num_sampels=3"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True)
   assert bad.returncode == 2 and "num_sampels" in bad.stderr
 
 

@@ -107,7 +107,7 @@ def train_cmd(*args: str) -> list[str]:
   return [sys.executable, "-m", "jaxrank.train", *args]
 
 
-def run(cmd, *, timeout=300, devices=None, env_extra=None, **kwargs):
+def run(cmd, *, timeout=None, devices=None, env_extra=None, **kwargs):
   e = env(devices)
   for k, v in (env_extra or {}).items():
     if v:
