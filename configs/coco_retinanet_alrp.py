@@ -1,25 +1,34 @@
-"""RetinaNet R50-FPN with aLRP Loss (aLRP repo: SSD-style 512, batch 32, SGD lr 0.008, 100 epochs, x0.1 at 75 and 95).
+"""RetinaNet R50-FPN with aLRP Loss on COCO (max-IoU assigner, SSD-style 512, 100 epochs).
 
-Published setting: SGD momentum 0.9, weight decay 1e-4, linear warmup over 500 iterations
-from 0.001 x lr, ImageNet-pretrained ResNet-50 with frozen BatchNorm and stem + layer1
-frozen, one ranking per device ('per_device').
-
-The learning rate follows the linear scaling rule: optimizer.lr is the published rate at
-the published global batch (optimizer.lr_reference_batch_size) and the trainer uses
-lr * train.batch_size / lr_reference_batch_size.
-
-  python -m jaxrank.train --config configs/coco_retinanet_alrp.py \
-      --config.data.train_images=/data/coco/train2017 \
-      --config.data.train_annotations=/data/coco/annotations/instances_train2017.json \
-      --config.data.val_images=/data/coco/val2017 \
-      --config.data.val_annotations=/data/coco/annotations/instances_val2017.json \
-      --config.model.pretrained=/weights/resnet50.pth
-
-(or --config.data.source=tfds for TensorFlow Datasets' coco/2017.)
+Reproduces kemaloksuz/aLRPLoss ``configs/alrp_loss/alrp_loss_retinanet_r50_fpn_100e_coco500.py``
+(README "aLRP Loss (GIoU)*"; not the ATSS variant). Usage: see ``configs/__init__.py``.
 """
 
 from jaxrank.train import presets
 
 
 def get_config():
-  return presets.coco_config("retinanet_alrp")
+  # kemaloksuz/aLRPLoss configs/alrp_loss/alrp_loss_retinanet_r50_fpn_100e_coco500.py
+  c = presets.coco_base()
+  c.name = "coco_retinanet_alrp"
+  c.model.name = "retinanet"  # FPN P6 from C5 (add_extra_convs='on_input'), 4-conv head
+  c.model.anchor_ratios = (0.5, 1.0, 2.0)
+  c.model.octave_base_scale = 4.0
+  c.model.scales_per_octave = 2  # 6 anchors per location
+  c.model.box_stds = (0.1, 0.1, 0.2, 0.2)
+  c.loss.name = "alrp"  # aLRP on 1 - GIoU of the decoded boxes, self-balance weight
+  c.loss.assigner = "max_iou"  # MaxIoUAssigner pos 0.5, neg 0.4, min_pos_iou 0
+  c.loss.delta = 1.0
+  c.loss.alrp_initial_weight = 50.0
+  c.loss.alrp_period = 0  # one epoch (3665 iterations at batch 32)
+  c.data.image_size = 512  # coco500_detection_augm: 512 x 512
+  c.data.augment = "ssd"
+  c.optimizer.lr = 0.008
+  c.optimizer.lr_reference_batch_size = 32  # 8 images x 4 GPUs
+  c.optimizer.warmup_ratio = 0.001
+  c.optimizer.decay_epochs = (60, 80)
+  c.optimizer.grad_clip_norm = 0.0
+  c.train.batch_size = 32
+  c.train.num_epochs = 100
+  c.eval.iou_threshold = 0.5
+  return c

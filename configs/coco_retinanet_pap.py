@@ -1,27 +1,34 @@
-"""RetinaNet R50-FPN with Parameterized AP Loss as the only loss (PAP repo: SSD-style 512, batch 64,
-SGD lr 0.016, 100 epochs, x0.1 at 60 and 80), with the published searched functions
-(loss.pap_preset="retinanet", gradient scale 4.1231 on the box branch).
+"""RetinaNet R50-FPN with Parameterized AP Loss as the only loss on COCO (searched functions).
 
-Published setting: SGD momentum 0.9, weight decay 1e-4, linear warmup over 500 iterations
-from 0.001 x lr, ImageNet-pretrained ResNet-50 with frozen BatchNorm and stem + layer1
-frozen, one ranking per device ('per_device').
-
-The learning rate follows the linear scaling rule: optimizer.lr is the published rate at
-the published global batch (optimizer.lr_reference_batch_size) and the trainer uses
-lr * train.batch_size / lr_reference_batch_size.
-
-  python -m jaxrank.train --config configs/coco_retinanet_pap.py \
-      --config.data.train_images=/data/coco/train2017 \
-      --config.data.train_annotations=/data/coco/annotations/instances_train2017.json \
-      --config.data.val_images=/data/coco/val2017 \
-      --config.data.val_annotations=/data/coco/annotations/instances_val2017.json \
-      --config.model.pretrained=/weights/resnet50.pth
-
-(or --config.data.source=tfds for TensorFlow Datasets' coco/2017.)
+Reproduces fundamentalvision/Parameterized-AP-Loss ``configs/paploss/paploss_retinanet_r50_fpn.py``
+(README PAP RetinaNet). Usage: see ``configs/__init__.py``.
 """
 
 from jaxrank.train import presets
 
 
 def get_config():
-  return presets.coco_config("retinanet_pap")
+  # fundamentalvision/Parameterized-AP-Loss configs/paploss/paploss_retinanet_r50_fpn.py
+  c = presets.coco_base()
+  c.name = "coco_retinanet_pap"
+  c.model.name = "retinanet"  # FPN P6 from C5 (add_extra_convs='on_input'), 4-conv head
+  c.model.anchor_ratios = (0.5, 1.0, 2.0)
+  c.model.octave_base_scale = 4.0
+  c.model.scales_per_octave = 2  # 6 anchors per location
+  c.model.box_stds = (0.1, 0.1, 0.2, 0.2)
+  c.loss.name = "pap"  # quality (GIoU + 1) / 2 of the decoded boxes
+  c.loss.assigner = "max_iou"  # MaxIoUAssigner pos 0.5, neg 0.4, min_pos_iou 0
+  c.loss.pap_preset = "retinanet"  # ctrl_points and reg_weight 4.1231 of the config
+  c.loss.pap_top_k = 100_000  # num_topk
+  c.data.image_size = 512  # coco500_detection_augm: 512 x 512
+  c.data.augment = "ssd"
+  c.optimizer.lr = 0.016
+  c.optimizer.lr_reference_batch_size = 64  # 8 images x 8 GPUs
+  c.optimizer.warmup_ratio = 0.001
+  c.optimizer.decay_epochs = (60, 80)
+  c.optimizer.grad_clip_norm = 0.0
+  c.train.batch_size = 64
+  c.train.num_epochs = 100
+  c.eval.score_threshold = 0.05  # the config's comment: 0.05 for accurate results (0.5 fast)
+  c.eval.iou_threshold = 0.6
+  return c

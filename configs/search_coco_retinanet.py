@@ -1,20 +1,38 @@
-"""Parameterized AP Loss search for RetinaNet R50-FPN on COCO, as published (spec 6.4): 40
-rounds of 8 sampled losses; each proxy trains one epoch on a search-train split of
-train2017 with SGD lr 0.016 at batch 64 (500 warmup iterations, no decay) and is scored by
-COCO AP on a held-out 5k-image split of train2017.
+"""Parameterized AP Loss search for RetinaNet R50-FPN on COCO, as published: 40 rounds of 8
+sampled losses, each proxy trained one epoch on a search-train split of train2017 and scored
+by COCO AP on a held-out 5k-image split of train2017.
 
-Give the two splits as COCO folders (the published split files are not shipped):
-
-  python -m jaxrank.search --config configs/search_coco_retinanet.py --workdir runs/pap_search \
-      --config.data.train_images=/data/coco/train2017 \
-      --config.data.train_annotations=/data/coco/annotations/search_train.json \
-      --config.data.val_images=/data/coco/train2017 \
-      --config.data.val_annotations=/data/coco/annotations/search_val.json \
-      --config.model.pretrained=/weights/resnet50.pth
+Reproduces fundamentalvision/Parameterized-AP-Loss ``search_configs/cfg_search_retina.py``.
+The split files are not shipped: give them as COCO folders (``data.train_annotations``,
+``data.val_annotations``). Usage: see ``configs/__init__.py`` (with ``python -m jaxrank.search``).
 """
 
 from jaxrank.search import config as search_config
+from jaxrank.train import presets
 
 
 def get_config():
-  return search_config.coco_search_config()
+  # fundamentalvision/Parameterized-AP-Loss search_configs/cfg_search_retina.py
+  c = presets.coco_config("retinanet_pap")  # model, data and augmentation of the PAP recipe
+  c.name = "search_coco_retinanet"
+  c.loss.pap_preset = "identity"  # start of the search; proxies get the sampled pap_theta
+  c.data.train_images = "data/coco/train2017"
+  c.data.train_annotations = "data/coco/annotations/search_train.json"
+  c.data.val_images = "data/coco/train2017"
+  c.data.val_annotations = "data/coco/annotations/search_val.json"
+  c.optimizer.lr = 0.016
+  c.optimizer.lr_reference_batch_size = 64  # 8 images x 8 GPUs
+  c.optimizer.warmup_ratio = 0.001
+  c.optimizer.schedule = "constant"  # lr_config step=[]
+  c.train.batch_size = 64
+  c.train.num_epochs = 1
+  c.train.plots = False
+  c.search = search_config.search_section()
+  c.search.num_rounds = 40  # sample_times
+  c.search.num_samples = 8
+  c.search.sigma0 = 0.2
+  c.search.clip_eps = 0.1
+  c.search.learning_rate = 0.01  # mu_lr
+  c.search.ppo_steps = 100  # update_per_sample
+  c.search.target = "coco"
+  return c

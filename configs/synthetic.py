@@ -3,7 +3,7 @@
   python -m jaxrank.train --config configs/synthetic.py:alrp
 
 ARG: focal_smooth_l1, focal_giou, ap_smooth_l1, alrp, rank_sort (default),
-bucketed_rank_sort, bucketed_ap.
+bucketed_rank_sort, bucketed_ap, pap.
 """
 
 from jaxrank.train import presets

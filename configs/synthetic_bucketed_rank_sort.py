@@ -1,4 +1,4 @@
-"""Recipe 'bucketed_rank_sort' on the built-in synthetic shapes with a tiny detector (CPU minutes)."""
+"""Recipe 'bucketed_rank_sort' on the built-in synthetic shapes, tiny detector (CPU minutes)."""
 
 from jaxrank.train import presets
 

@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 
 from jaxrank import losses
-from jaxrank import models
 from jaxrank.models import dense
 from jaxrank.models.dense import config as recipes
 
@@ -249,3 +248,142 @@ def test_recipe_model_configs():
   assert tuple(dense.recipe_model_config("rank_sort").anchor_ratios) == (1.0,)
   assert dense.recipe_model_config("alrp").scales_per_octave == 2
   assert dense.recipe_model_config("focal_smooth_l1").name == "retinanet"
+
+
+# -- box term and weight against an independent float64 NumPy computation -------------------
+
+
+@functools.lru_cache(maxsize=None)
+def recipe_static(name):
+  """Static info of the recipe's published model (anchors, coder stds) at the test size."""
+  config = dense.recipe_model_config(name)
+  config.update(backbone="tiny", image_size=SIZE, num_classes=NUM_CLASSES)
+  detector = nnx.eval_shape(lambda: dense.build_detector(config, rngs=nnx.Rngs(0)))
+  return detector.static_info()
+
+
+def np_assignment(name, static, batch):
+  """(positive [B, A], ignored [B, A], matched box [B, A, 4], label [B, A]) from the jaxrank
+  assigner of the recipe, with padding examples dropped as ``detection_loss`` does."""
+  from jaxrank import ops
+  anchors = jnp.asarray(static.anchors)
+  valid = np.asarray(batch["valid"])
+  gt_mask = jnp.asarray(batch["box_mask"] & valid[:, None])
+  if recipes.RECIPES[name].assigner == "atss":
+    fn = functools.partial(ops.atss_assign, anchors, jnp.asarray(static.level_index),
+                           static.num_anchors_per_level, topk=recipes.ATSS_TOPK)
+  else:
+    fn = functools.partial(ops.max_iou_assign, anchors)
+  a = jax.vmap(fn)(jnp.asarray(batch["boxes"]), gt_mask)
+  positive = np.asarray(a.positive) & valid[:, None]
+  ignored = (np.asarray(a.ignored) | ~valid[:, None]) & ~positive
+  index = np.asarray(a.matched_gt)
+  matched = np.take_along_axis(np.asarray(batch["boxes"], np.float64), index[..., None], axis=1)
+  labels = np.take_along_axis(np.asarray(batch["labels"]), index, axis=1)
+  return positive, ignored, matched, labels
+
+
+def np_cxcywh(boxes):
+  wh = boxes[..., 2:] - boxes[..., :2]
+  return boxes[..., :2] + 0.5 * wh, wh
+
+
+def np_encode(anchors, boxes, stds):
+  """mmdet ``bbox2delta`` with zero means."""
+  (actr, awh), (gctr, gwh) = np_cxcywh(anchors), np_cxcywh(boxes)
+  return np.concatenate([(gctr - actr) / awh, np.log(gwh / awh)], axis=-1) / np.asarray(stds)
+
+
+def np_decode(anchors, deltas, stds):
+  """mmdet ``delta2bbox`` with zero means, ``dw, dh`` clamped to ``|log(16 / 1000)|``."""
+  d = deltas * np.asarray(stds)
+  actr, awh = np_cxcywh(anchors)
+  wh = awh * np.exp(np.clip(d[..., 2:], -np.log(1000 / 16), np.log(1000 / 16)))
+  ctr = actr + awh * d[..., :2]
+  return np.concatenate([ctr - 0.5 * wh, ctr + 0.5 * wh], axis=-1)
+
+
+def np_giou_loss(boxes, targets):
+  area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+  lt = np.maximum(boxes[..., :2], targets[..., :2])
+  rb = np.minimum(boxes[..., 2:], targets[..., 2:])
+  inter = np.prod(np.clip(rb - lt, 0.0, None), axis=-1)
+  union = area(boxes) + area(targets) - inter
+  hull = np.prod(np.maximum(boxes[..., 2:], targets[..., 2:])
+                 - np.minimum(boxes[..., :2], targets[..., :2]), axis=-1)
+  iou = inter / union
+  return 1.0 - (iou - (hull - union) / hull)
+
+
+def np_smooth_l1(x, beta):
+  x = np.abs(x)
+  return np.where(x < beta, 0.5 * x ** 2 / beta, x - 0.5 * beta)
+
+
+def np_alrp_localisation(logits, targets, errors, delta):
+  """aLRP ``L_loc`` (spec 3.3): positives in descending score order, prefix sums of their
+  errors over their smoothed rank among positives and negatives."""
+  s, y = logits.ravel(), targets.ravel()
+  pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+  e = errors.ravel()[pos]
+  step = lambda x: np.clip(x / (2 * delta) + 0.5, 0.0, 1.0)
+  above_pos = step(s[pos][None, :] - s[pos][:, None])
+  np.fill_diagonal(above_pos, 0.0)
+  rank = 1.0 + above_pos.sum(1) + step(s[neg][None, :] - s[pos][:, None]).sum(1)
+  order = np.argsort(s[pos], kind="stable")[::-1]
+  return float(np.sum(np.cumsum(e[order]) / rank[order]) / len(pos))
+
+
+BOX_RECIPES = ("focal_smooth_l1", "focal_giou", "ap_smooth_l1", "alrp", "rank_sort",
+               "bucketed_rank_sort", "bucketed_ap")
+
+
+@pytest.mark.parametrize("name", BOX_RECIPES)
+def test_box_term_and_weight_match_numpy(name):
+  static = recipe_static(name)
+  config = loss_config(name)
+  state = dense.init_loss_state(config)
+  batch = make_batch()
+  outputs = make_outputs(static, seed=3)
+  _, (metrics, _) = jax.jit(lambda o: dense.detection_loss(static, o, batch, config, state))(
+      outputs)
+
+  # Published coder stds: mmdet v1 RetinaNet and PAP's focal + GIoU use 1, the others 0.1/0.2.
+  stds = (np.ones(4) if name.startswith("focal") else np.array([0.1, 0.1, 0.2, 0.2]))
+  anchors = np.asarray(static.anchors, np.float64)
+  logits = np.asarray(outputs.class_logits, np.float64)
+  deltas = np.asarray(outputs.box_deltas, np.float64)
+  positive, ignored, matched, labels = np_assignment(name, static, batch)
+  num_pos = positive.sum()
+  assert num_pos > 0 and not positive[2:].any()
+  anchors_b = np.broadcast_to(anchors, deltas.shape)
+  pred = np_decode(anchors_b[positive], deltas[positive], stds)
+  giou = np_giou_loss(pred, matched[positive])
+
+  if name in ("focal_smooth_l1", "ap_smooth_l1"):
+    beta = {"focal_smooth_l1": 0.11, "ap_smooth_l1": 1.0}[name]
+    encoded = np_encode(anchors_b[positive], matched[positive], stds)
+    total = np_smooth_l1(deltas[positive] - encoded, beta).sum()
+    box_loss = total / (4 * num_pos if name == "ap_smooth_l1" else num_pos)
+    weight = 1.0
+  elif name == "focal_giou":
+    box_loss, weight = giou.sum() / num_pos, 2.0
+  elif name == "alrp":
+    targets = np.zeros(logits.shape)
+    rows, cols = np.nonzero(positive)
+    targets[rows, cols, labels[rows, cols]] = 1.0
+    targets[ignored] = -1.0
+    errors = np.zeros(logits.shape)
+    errors[rows, cols, :] = giou[:, None]
+    box_loss = np_alrp_localisation(logits, targets, errors, delta=1.0)
+    weight = 50.0  # the self-balance weight's published start
+  else:
+    scores = (1.0 / (1.0 + np.exp(-logits[positive]))).max(axis=-1)
+    box_loss = np.sum(scores * giou) / np.sum(scores)
+    weight = (2.0 if name == "bucketed_ap"
+              else float(metrics["cls_loss"]) / box_loss)  # value ratio: RS value / box value
+
+  np.testing.assert_allclose(metrics["num_positives"], num_pos)
+  np.testing.assert_allclose(metrics["box_loss"], box_loss, rtol=2e-5)
+  np.testing.assert_allclose(metrics["box_weight"], weight, rtol=2e-5)
+  np.testing.assert_allclose(metrics["loss"], metrics["cls_loss"] + weight * box_loss, rtol=2e-5)

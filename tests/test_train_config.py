@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import glob
 import math
 import os
@@ -51,28 +52,32 @@ def test_parametrised_config_file():
 
 
 _PUBLISHED = {
-  # file: (loss, lr, reference batch, epochs, decay epochs, image size)
-  "coco_retinanet_focal": ("focal_smooth_l1", 0.01, 16, 12, (8, 11), 800),
-  "coco_retinanet_ap": ("ap_smooth_l1", 0.002, 32, 100, (60, 80), 512),
-  "coco_retinanet_alrp": ("alrp", 0.008, 32, 100, (75, 95), 512),
-  "coco_atss_rs": ("rank_sort", 0.008, 16, 12, (8, 11), 800),
-  "coco_atss_brs": ("bucketed_rank_sort", 0.008, 16, 12, (8, 11), 800),
-  "coco_atss_bap": ("bucketed_ap", 0.008, 16, 12, (8, 11), 800),
-  "coco_retinanet_pap": ("pap", 0.016, 64, 100, (60, 80), 512),
+  # file: (loss, lr, reference batch, epochs, decay epochs, warmup ratio, image size); every
+  # published value is pinned in test_recipes_published.py.
+  "coco_retinanet_focal": ("focal_smooth_l1", 0.01, 16, 12, (8, 11), 1 / 3, 800),
+  "coco_retinanet_focal_giou": ("focal_giou", 0.016, 64, 100, (60, 80), 0.001, 512),
+  "coco_retinanet_ap": ("ap_smooth_l1", 0.002, 32, 100, (60, 80), 0.001, 512),
+  "coco_retinanet_alrp": ("alrp", 0.008, 32, 100, (60, 80), 0.001, 512),
+  "coco_atss_rs": ("rank_sort", 0.008, 16, 12, (8, 11), 0.001, 800),
+  "coco_atss_brs": ("bucketed_rank_sort", 0.008, 16, 12, (8, 11), 0.001, 800),
+  "coco_atss_bap": ("bucketed_ap", 0.008, 16, 12, (8, 11), 0.001, 800),
+  "coco_retinanet_pap": ("pap", 0.016, 64, 100, (60, 80), 0.001, 512),
 }
 
 
 @pytest.mark.parametrize("name", sorted(_PUBLISHED))
 def test_coco_recipes_have_the_published_schedule(name):
-  loss, lr, batch, epochs, decay, size = _PUBLISHED[name]
+  loss, lr, batch, epochs, decay, warmup_ratio, size = _PUBLISHED[name]
   c = config_lib.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
+  assert c.name == name
   assert c.loss.name == loss
   assert c.optimizer.name == "sgd" and c.optimizer.momentum == 0.9
   assert c.optimizer.weight_decay == 1e-4
   assert c.optimizer.lr == lr and c.optimizer.lr_reference_batch_size == batch
   assert c.train.batch_size == batch and c.train.num_epochs == epochs
   assert tuple(c.optimizer.decay_epochs) == decay and c.optimizer.schedule == "step"
-  assert c.optimizer.warmup_steps == 500 and c.optimizer.warmup_ratio == 0.001
+  assert c.optimizer.warmup_steps == 500
+  assert c.optimizer.warmup_ratio == pytest.approx(warmup_ratio, rel=1e-12)
   assert c.data.image_size == size and c.data.num_classes == 80
   assert c.model.backbone == "resnet50"
   assert c.train.ranking == "per_device"
@@ -82,6 +87,41 @@ def test_coco_recipes_have_the_published_schedule(name):
   # Linear scaling rule: doubling the batch doubles the rate.
   assert optim.peak_learning_rate(c.optimizer, 2 * batch) == pytest.approx(2 * lr)
   assert optim.peak_learning_rate(c.optimizer, batch // 2) == pytest.approx(lr / 2)
+
+
+def test_coco_configs_start_from_the_shared_base():
+  """Only the recipe's own fields differ from presets.coco_base()."""
+  recipe_fields = {
+    "name", "model.name", "model.image_size", "model.anchor_ratios", "model.scales_per_octave",
+    "model.box_stds",
+    "loss.name", "loss.assigner", "loss.delta", "loss.box_loss_weight", "data.image_size",
+    "data.augment", "optimizer.lr", "optimizer.lr_reference_batch_size",
+    "optimizer.warmup_ratio", "optimizer.decay_epochs", "optimizer.grad_clip_norm",
+    "train.batch_size", "train.num_epochs", "eval.iou_threshold",
+  }
+  base = config_lib.to_dict(presets.coco_base())
+  for name in _PUBLISHED:
+    c = config_lib.to_dict(config_lib.load_config_file(os.path.join(REPO, "configs",
+                                                                    f"{name}.py")))
+    changed = {"name"} if c["name"] != base["name"] else set()
+    changed |= {f"{section}.{key}" for section, fields in c.items() if isinstance(fields, dict)
+                for key in fields if fields[key] != base[section][key]}
+    assert changed <= recipe_fields, (name, changed - recipe_fields)
+  assert base["data"]["train_annotations"].endswith("instances_train2017.json")
+  assert base["model"]["norm"] == "frozen_bn" and base["model"]["frozen_stages"] == 1
+
+
+def test_config_docstrings_are_short():
+  """One paragraph per file; the usage lives in configs/__init__.py."""
+  for path in glob.glob(os.path.join(REPO, "configs", "*.py")):
+    if os.path.basename(path).startswith("_"):
+      continue
+    with open(path, encoding="utf-8") as f:
+      doc = ast.get_docstring(ast.parse(f.read())) or ""
+    assert doc, path
+    assert "--config.data.train_images" not in doc, path
+    assert "linear scaling rule" not in doc.lower(), path
+    assert len(doc.splitlines()) <= 10, path
 
 
 # -- overrides ----------------------------------------------------------------------------
@@ -243,4 +283,11 @@ def test_presets_cover_every_recipe():
     c = presets.synthetic_config(name)
     config_lib.validate(c)
   assert set(presets.COCO_RECIPES) == {k[len("coco_"):] for k in _PUBLISHED}
-  assert math.isfinite(presets.coco_config("atss_rs").optimizer.lr)
+  files = glob.glob(os.path.join(REPO, "configs", "coco_*.py"))
+  assert {os.path.basename(f)[len("coco_"):-len(".py")] for f in files} == set(
+      presets.COCO_RECIPES)
+  for recipe in presets.COCO_RECIPES:
+    c = presets.coco_config(recipe)
+    assert c.name == f"coco_{recipe}" and math.isfinite(c.optimizer.lr)
+  with pytest.raises(ValueError, match="unknown COCO recipe"):
+    presets.coco_config("retinanet_yolo")

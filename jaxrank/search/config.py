@@ -4,9 +4,12 @@ plus a ``search`` section. Config files for ``python -m jaxrank.search`` return 
 
 from __future__ import annotations
 
+from jaxrank import losses
 from jaxrank.search import policy
 from jaxrank.train import config as config_lib
-from jaxrank.train.config import ConfigDict, ConfigError
+from jaxrank.train import presets
+from jaxrank.train.config import ConfigDict
+from jaxrank.validation import ConfigError, Section
 
 PARALLEL = ("auto", "vmap", "sequential")
 TARGETS = ("synthetic", "coco")
@@ -53,37 +56,25 @@ def validate(config: ConfigDict) -> None:
   """Raises :class:`ConfigError` naming the first invalid field."""
   if "search" not in config or not isinstance(config.search, ConfigDict):
     raise ConfigError("a search config needs the section 'search'")
-  expected = set(search_section().keys())
-  unknown = sorted(set(config.search.keys()) - expected)
-  if unknown:
-    raise ConfigError(f"unknown config key(s) {['search.' + k for k in unknown]}")
-  missing = sorted(expected - set(config.search.keys()))
-  if missing:
-    raise ConfigError(f"config lacks the key(s) {['search.' + k for k in missing]}")
-  s = config.search
-  for key in ("num_rounds", "num_samples", "ppo_steps", "keep_checkpoints"):
-    if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
-      raise ConfigError(f"config key 'search.{key}' must be an int >= 1, got {s[key]!r}")
+  s = Section(config.search, "search")
+  s.fields(search_section().keys())
+  for key in ("num_rounds", "ppo_steps", "keep_checkpoints"):
+    s.integer(key, min=1)
   for key in ("max_rounds", "warmup_steps", "abort_after", "seed"):
-    if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 0:
-      raise ConfigError(f"config key 'search.{key}' must be an int >= 0, got {s[key]!r}")
-  if s.num_samples < 2:
-    raise ConfigError("config key 'search.num_samples' must be >= 2 (advantages are "
-                      "rewards minus their mean)")
-  for key, low, high in (("sigma0", 0.0, 1.0), ("clip_eps", 0.0, 1.0), ("learning_rate", 0.0, 10.0)):
-    if not low < float(s[key]) <= high:
-      raise ConfigError(f"config key 'search.{key}' must be in ({low}, {high}], got {s[key]!r}")
-  if not (s.fixed_grad_scale == 0 or 0.1 <= s.fixed_grad_scale <= 10):
-    raise ConfigError("config key 'search.fixed_grad_scale' must be 0 (searched) or in "
-                      f"[0.1, 10], got {s.fixed_grad_scale!r}")
-  from jaxrank import losses
-  if s.initial not in losses.PRESETS or s.initial.startswith("faster_rcnn"):
-    names = [n for n in losses.PRESETS if not n.startswith("faster_rcnn")]
-    raise ConfigError(f"config key 'search.initial' must be one of {names}, got {s.initial!r}")
-  if s.parallel not in PARALLEL:
-    raise ConfigError(f"config key 'search.parallel': {s.parallel!r} is not one of {', '.join(PARALLEL)}")
-  if s.target not in TARGETS:
-    raise ConfigError(f"config key 'search.target': {s.target!r} is not one of {', '.join(TARGETS)}")
+    s.integer(key, min=0)
+  if s.integer("num_samples", min=1) < 2:
+    raise s.error("num_samples", "must be >= 2 (advantages are rewards minus their mean)")
+  s.number("sigma0", above=0.0, max=1.0)
+  s.number("clip_eps", above=0.0, max=1.0)
+  s.number("learning_rate", above=0.0, max=10.0)
+  fixed = s.number("fixed_grad_scale", min=0.0, max=10.0)
+  if 0 < fixed < 0.1:
+    raise s.error("fixed_grad_scale", f"must be 0 (searched) or in [0.1, 10], got {fixed!r}")
+  s.choice("initial", [n for n in losses.PRESETS if not n.startswith("faster_rcnn")])
+  s.choice("parallel", PARALLEL)
+  s.choice("target", TARGETS)
+  s.boolean("progress_bar")
+  s.boolean("plots")
   proxy = trainer_config(config)
   config_lib.validate(proxy)
   if proxy.loss.name != "pap":
@@ -92,8 +83,6 @@ def validate(config: ConfigDict) -> None:
 
 def synthetic_search_config() -> ConfigDict:
   """The search of ``configs/search_synthetic.py`` (see there)."""
-  from jaxrank.train import presets
-
   c = presets.synthetic_config("pap", name="search_synthetic")
   c.model.fpn_channels = 32
   c.model.head_channels = 32
@@ -115,27 +104,4 @@ def synthetic_search_config() -> ConfigDict:
   c.search = search_section()
   c.search.num_rounds = 6
   c.search.target = "synthetic"
-  return c
-
-
-def coco_search_config() -> ConfigDict:
-  """The published RetinaNet search (``search_configs``; spec 6.4)."""
-  from jaxrank.train import presets
-
-  c = presets.coco_config("retinanet_pap")
-  c.name = "search_coco_retinanet"
-  c.loss.pap_preset = "identity"
-  c.data.train_images = "data/coco/train2017"
-  c.data.train_annotations = "data/coco/annotations/search_train.json"
-  c.data.val_images = "data/coco/train2017"
-  c.data.val_annotations = "data/coco/annotations/search_val.json"
-  c.optimizer.lr = 0.016
-  c.optimizer.lr_reference_batch_size = 64
-  c.optimizer.schedule = "constant"
-  c.train.batch_size = 64
-  c.train.num_epochs = 1
-  c.train.num_steps = 0
-  c.train.plots = False
-  c.search = search_section()
-  c.search.target = "coco"
   return c

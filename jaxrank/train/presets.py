@@ -2,9 +2,10 @@
 
 * :func:`synthetic_config`: a tiny detector on the built-in synthetic shapes, for CPU runs
   of every loss recipe in minutes.
-* :func:`coco_config`: the published COCO recipes (detector, anchors, loss, optimiser,
-  schedule, batch, image size) from the reference implementations
-  (``../shared/spec/losses.md`` sections 2.5, 3.5 and 4.4).
+* :func:`coco_base`: what every published COCO recipe shares; the ``configs/coco_*.py`` files
+  start from it and set each recipe's own values (detector, anchors, coder, loss, image size,
+  augmentation, optimiser, schedule, batch, NMS) next to the published config they cite.
+* :func:`coco_config`: the ``get_config()`` of a packaged ``configs/coco_<recipe>.py``.
 
 Linear scaling rule: published learning rates are given with the global batch they were
 tuned for (``optimizer.lr_reference_batch_size``); the trainer uses
@@ -15,8 +16,11 @@ published.
 
 from __future__ import annotations
 
+import os
+
+import jaxrank.configs as configs_package
 from jaxrank.models import dense
-from jaxrank.train.config import ConfigDict, base_config
+from jaxrank.train.config import ConfigDict, base_config, load_config_file
 
 RANKING_RECIPES = ("ap_smooth_l1", "alrp", "rank_sort", "bucketed_rank_sort", "bucketed_ap", "pap")
 #: PAP rows (``loss.pap_top_k``) for the synthetic sizes: about 7% of the ~27k scores of a
@@ -89,88 +93,43 @@ def synthetic_config(loss_name: str = "rank_sort", *, name: str | None = None) -
   return c
 
 
-# Published COCO recipes. ``lr`` is the published rate at the published global batch.
-_COCO = {
-  # RetinaNet R50-FPN, focal + smooth L1: mmdet's 1x schedule (also the baseline the
-  # ranking-loss papers compare with). 1333x800 in mmdet; square 800 here.
-  "retinanet_focal": dict(
-    loss="focal_smooth_l1", image_size=800, augment="flip", batch=16, lr=0.01,
-    epochs=12, decay_epochs=(8, 11), warmup_ratio=0.001),
-  # AP Loss RetinaNet R50 (aLRP repo, spec 2.5): SSD-style aug. at 512, 8 images x 4 GPUs,
-  # SGD lr 0.002, 100 epochs, lr x0.1 at 60 and 80. (cccorn: lr 0.001 at 2x8 images.)
-  "retinanet_ap": dict(
-    loss="ap_smooth_l1", image_size=512, augment="ssd", batch=32, lr=0.002,
-    epochs=100, decay_epochs=(60, 80), warmup_ratio=0.001),
-  # aLRP RetinaNet R50 (spec 3.5): SSD-style aug. at 512, 8 images x 4 GPUs, SGD lr 0.008,
-  # 100 epochs, lr x0.1 at 75 and 95 (60/80 for the '*' models), SB period = 1 epoch.
-  "retinanet_alrp": dict(
-    loss="alrp", image_size=512, augment="ssd", batch=32, lr=0.008,
-    epochs=100, decay_epochs=(75, 95), warmup_ratio=0.001),
-  # RS-ATSS R50 (spec 4.4): 4 images x 4 GPUs, SGD lr 0.008, 1x (12 epochs, x0.1 at 8, 11),
-  # 1333x800 in mmdet; square 800 here.
-  "atss_rs": dict(
-    loss="rank_sort", image_size=800, augment="flip", batch=16, lr=0.008,
-    epochs=12, decay_epochs=(8, 11), warmup_ratio=0.001),
-  # Bucketed RS / AP ATSS R50 (BR repo, spec 5 + 4.4): same schedule as RS-ATSS.
-  "atss_brs": dict(
-    loss="bucketed_rank_sort", image_size=800, augment="flip", batch=16, lr=0.008,
-    epochs=12, decay_epochs=(8, 11), warmup_ratio=0.001),
-  "atss_bap": dict(
-    loss="bucketed_ap", image_size=800, augment="flip", batch=16, lr=0.008,
-    epochs=12, decay_epochs=(8, 11), warmup_ratio=0.001),
-  # PAP RetinaNet R50 (spec 6.6): SSD-style aug. at 512, 8 images x 8 GPUs, SGD lr 0.016,
-  # 100 epochs, lr x0.1 at 60 and 80, the searched functions (loss.pap_preset='retinanet').
-  "retinanet_pap": dict(
-    loss="pap", image_size=512, augment="ssd", batch=64, lr=0.016,
-    epochs=100, decay_epochs=(60, 80), warmup_ratio=0.001),
-}
-COCO_RECIPES = tuple(_COCO)
+#: The ``configs/coco_<recipe>.py`` files (:func:`coco_config`).
+COCO_RECIPES = ("retinanet_focal", "retinanet_focal_giou", "retinanet_ap", "retinanet_alrp",
+                "retinanet_pap", "atss_rs", "atss_brs", "atss_bap")
 
 
-def coco_config(recipe: str, *, source: str = "coco_folder") -> ConfigDict:
-  """A published COCO recipe (see ``_COCO``): ResNet-50 (ImageNet weights from
-  ``model.pretrained``), SGD momentum 0.9, weight decay 1e-4, linear warmup of 500
-  iterations from 0.001 x lr, step decay x0.1, per-GPU ranking (``train.ranking =
-  'per_device'``) as published."""
-  if recipe not in _COCO:
-    raise ValueError(f"unknown COCO recipe {recipe!r}; known: {COCO_RECIPES}")
-  p = _COCO[recipe]
+def coco_base(*, source: str = "coco_folder") -> ConfigDict:
+  """What all published COCO recipes share (mmdet ``_base_`` files of the RS, BR, aLRP and PAP
+  repositories): COCO 2017 folders, ImageNet ResNet-50 FPN with frozen BatchNorm statistics and
+  stem + stage 1 frozen, SGD momentum 0.9, weight decay 1e-4, linear warmup over 500
+  iterations, step decay x0.1, one ranking per device, and mmdet's test settings (top 1000
+  per level before NMS, score 0.05, 100 detections per image).
+
+  The config files set the rest: ``model.name`` and its anchors and coder, the loss, image
+  size, augmentation, learning rate and its reference batch, batch, epochs, decay epochs,
+  warmup ratio, gradient clipping and the NMS IoU threshold.
+  """
   c = base_config()
-  c.name = f"coco_{recipe}"
-  model = dense.recipe_model_config(p["loss"])
-  model.backbone = "resnet50"
-  model.norm = "frozen_bn"
-  model.frozen_stages = 1
-  model.pretrained = ""  # path of torchvision resnet50 weights (.pth or .npz)
-  model.image_size = c.data.get_ref("image_size")
-  model.num_classes = c.data.get_ref("num_classes")
-  c.model = model
-  c.loss = dense.default_loss_config(p["loss"])
+  c.model.backbone = "resnet50"
+  c.model.norm = "frozen_bn"
+  c.model.frozen_stages = 1
+  c.model.pretrained = ""  # path of torchvision resnet50 weights (.pth or .npz)
 
   c.data.source = source
-  c.data.image_size = p["image_size"]
   c.data.num_classes = 80
   c.data.max_boxes = 100
-  c.data.augment = p["augment"]
   c.data.train_images = "data/coco/train2017"
   c.data.train_annotations = "data/coco/annotations/instances_train2017.json"
   c.data.val_images = "data/coco/val2017"
   c.data.val_annotations = "data/coco/annotations/instances_val2017.json"
 
   c.optimizer.name = "sgd"
-  c.optimizer.lr = p["lr"]
-  c.optimizer.lr_reference_batch_size = p["batch"]
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 1e-4
   c.optimizer.warmup_steps = 500
-  c.optimizer.warmup_ratio = p["warmup_ratio"]
   c.optimizer.schedule = "step"
-  c.optimizer.decay_epochs = p["decay_epochs"]
   c.optimizer.decay_factor = 0.1
-  c.optimizer.grad_clip_norm = 35.0 if p["loss"] == "focal_smooth_l1" else 0.0
 
-  c.train.batch_size = p["batch"]
-  c.train.num_epochs = p["epochs"]
   c.train.num_steps = 0
   c.train.log_every = 50
   c.train.eval_every = 0
@@ -183,3 +142,11 @@ def coco_config(recipe: str, *, source: str = "coco_folder") -> ConfigDict:
   c.eval.max_detections = 100
   c.eval.pre_nms_top_k = 1000
   return c
+
+
+def coco_config(recipe: str) -> ConfigDict:
+  """The published COCO recipe of the packaged config file ``configs/coco_<recipe>.py``."""
+  if recipe not in COCO_RECIPES:
+    raise ValueError(f"unknown COCO recipe {recipe!r}; known: {COCO_RECIPES}")
+  folder = os.path.dirname(os.path.abspath(configs_package.__file__))
+  return load_config_file(os.path.join(folder, f"coco_{recipe}.py"))

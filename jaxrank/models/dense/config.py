@@ -203,16 +203,17 @@ LOSS_FIELDS = tuple(default_loss_config().keys())
 def recipe_model_config(name: str) -> ml_collections.ConfigDict:
   """The model config of the detector that recipe ``name`` was published with.
 
-  RS-ATSS: 3 anchors per location; AP Loss RetinaNet: 6 (ratios 0.5/1/2, 2 scales); aLRP
-  RetinaNet: 2 (ratio 1, 2 scales); PAP RetinaNet: 6; focal RetinaNet: 9.
+  Anchors per location and box coder stds: focal + smooth L1 (mmdet v1 RetinaNet): 9, stds 1;
+  focal + GIoU (PAP repo): 6 (ratios 0.5/1/2, 2 scales), stds 1; AP Loss, aLRP (the max-IoU
+  config) and PAP RetinaNet: 6, stds (0.1, 0.1, 0.2, 0.2); RS, bucketed RS and bucketed AP
+  ATSS: 3 (ratio 1, 3 scales), stds (0.1, 0.1, 0.2, 0.2).
   """
   if name not in RECIPES:
     raise ConfigError(f"config key 'loss.name' must be one of {LOSS_NAMES}, got {name!r}")
   config = default_model_config(RECIPES[name].detector)
-  if name in ("ap_smooth_l1", "pap"):
-    config.scales_per_octave = 2
-  elif name == "alrp":
-    config.anchor_ratios = (1.0,)
+  if name in ("focal_smooth_l1", "focal_giou"):
+    config.box_stds = (1.0, 1.0, 1.0, 1.0)
+  if name in ("focal_giou", "ap_smooth_l1", "alrp", "pap"):
     config.scales_per_octave = 2
   return config
 
