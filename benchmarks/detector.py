@@ -7,7 +7,7 @@ median of ``--steps`` steps, on random images with ``--boxes`` random boxes per 
   python benchmarks/detector.py                       # ResNet-50-FPN, 512x512, batch 2
   python benchmarks/detector.py --backbone resnet18 --image-size 256 --steps 3
   python benchmarks/detector.py --loss-only --detector atss   # the losses alone
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ def child(args) -> dict:
   from flax import nnx
 
   from jaxrank import models
-
   from jaxrank.train import steps as steps_lib
 
   name = args.recipe
@@ -185,7 +184,8 @@ def main(argv=None):
     t_ratio = r["step_ms"] / reference["step_ms"] if reference else float("nan")
     m_ratio = r["peak_rss_mb"] / reference["peak_rss_mb"] if reference else float("nan")
     device = f"{r['device_peak_mb']:.0f}" if r["device_peak_mb"] else "n/a"
-    print(f"{r['recipe']:<20} {r['detector']:<10} {r['anchors'] or 0:>8} {r['num_positives']:>6.0f} "
+    print(f"{r['recipe']:<20} {r['detector']:<10} {r['anchors'] or 0:>8} "
+          f"{r['num_positives']:>6.0f} "
           f"{r['step_ms']:>9.1f} {t_ratio:>8.2f} {r['peak_rss_mb']:>12.0f} {m_ratio:>8.2f} "
           f"{device:>10} {r['compile_s']:>10.1f}")
 

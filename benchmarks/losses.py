@@ -57,7 +57,8 @@ def measure(fn, x, y, p, repeats):
   analysis = compiled.memory_analysis()
   plan = None
   if analysis is not None:
-    plan = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
+    plan = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+            + analysis.output_size_in_bytes)
   jax.block_until_ready(compiled(x, y))
   best = float("inf")
   for _ in range(repeats):
@@ -81,7 +82,8 @@ def main():
   if "focal" not in names:
     names.insert(0, "focal")
   print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
-  print(f"{'N':>9} {'P':>5} {'loss':<24} {'fwd+bwd ms':>11} {'x focal':>8} {'XLA plan MiB':>13} {'peak MiB':>9}")
+  print(f"{'N':>9} {'P':>5} {'loss':<24} {'fwd+bwd ms':>11} {'x focal':>8} "
+        f"{'XLA plan MiB':>13} {'peak MiB':>9}")
   for n in sizes:
     for p in positives:
       x, y = inputs(n, p)
@@ -91,8 +93,8 @@ def main():
         focal_time = t if name == "focal" else focal_time
         plan_mib = f"{plan / 2**20:.0f}" if plan is not None else "n/a"
         peak_mib = f"{peak / 2**20:.0f}" if peak is not None else "n/a"
-        print(f"{n:>9} {p:>5} {name:<24} {t * 1e3:>11.1f} {t / focal_time:>8.2f} {plan_mib:>13} {peak_mib:>9}",
-              flush=True)
+        print(f"{n:>9} {p:>5} {name:<24} {t * 1e3:>11.1f} {t / focal_time:>8.2f} "
+              f"{plan_mib:>13} {peak_mib:>9}", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,18 +28,20 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxrank import losses  # noqa: E402
 from jaxrank.search import config as search_config  # noqa: E402
-from jaxrank.search import policy, proxy as proxy_lib, runner  # noqa: E402
+from jaxrank.search import policy, runner  # noqa: E402
+from jaxrank.search import proxy as proxy_lib  # noqa: E402
 from jaxrank.train import cli  # noqa: E402
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=0, help="proxy steps (default: the config's)")
   parser.add_argument("--workdir", default=None, help="search folder (default: a temporary one)")
-  parser.add_argument("--skip-compare", action="store_true", help="skip the vmap vs sequential round")
+  parser.add_argument("--skip-compare", action="store_true",
+                      help="skip the vmap vs sequential round")
   parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
   args = parser.parse_args()
   cli.setup_logging(None)
@@ -52,7 +54,8 @@ def main() -> None:
   workdir = args.workdir or tempfile.mkdtemp(prefix="jaxrank-search-")
   print(f"devices: {jax.devices()}; backend {jax.default_backend()}; {os.cpu_count()} CPUs")
   print(f"proxy: {config.train.num_steps} steps x batch {config.train.batch_size} at "
-        f"{config.data.image_size} px, {config.data.num_train} search-train / {config.data.num_val} "
+        f"{config.data.image_size} px, {config.data.num_train} search-train / "
+        f"{config.data.num_val} "
         f"held-out images; {config.search.num_samples} samples per round; workdir {workdir}")
 
   t0 = time.time()
@@ -81,7 +84,8 @@ def main() -> None:
 
   if not args.skip_compare:
     s = result.state
-    thetas = policy.sample(jax.random.key(12345), s.mu_logit, s.sigma, int(config.search.num_samples))
+    thetas = policy.sample(jax.random.key(12345), s.mu_logit, s.sigma,
+                           int(config.search.num_samples))
     params = runner.loss_params(thetas, config.search)
     steps = proxy.num_steps
     proxy.num_steps = 1  # compile both ways first
@@ -97,7 +101,8 @@ def main() -> None:
             f"{r.eval_time_s:.1f}s), AP {np.round(r.ap, 4).tolist()}")
     ratio = times["sequential"] / times["vmap"]
     print(f"vmapped round speed-up over sequential: {ratio:.2f}x")
-    figures.update(round_vmap_s=round(times["vmap"], 1), round_sequential_s=round(times["sequential"], 1),
+    figures.update(round_vmap_s=round(times["vmap"], 1),
+                   round_sequential_s=round(times["sequential"], 1),
                    vmap_speedup=round(ratio, 2))
   if args.json:
     with open(args.json, "w") as f:

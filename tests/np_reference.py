@@ -190,6 +190,6 @@ def ranking_errors(name, logits, targets, delta, loc_errors=None):
   if name == "rank_sort":
     ranking, sorting, _, errors = rank_sort_loss(logits, targets, delta, return_errors=True)
   else:
-    ranking, sorting, _, errors = bucketed_loss(logits, targets, delta, name == "bucketed_rank_sort",
-                                                return_errors=True)
+    ranking, sorting, _, errors = bucketed_loss(logits, targets, delta,
+                                                name == "bucketed_rank_sort", return_errors=True)
   return ranking + sorting, errors

@@ -15,8 +15,8 @@ from jaxrank.data import (
   iterate_epochs,
   make_synthetic_dataset,
   num_batches,
+  transforms,
 )
-from jaxrank.data import transforms
 
 
 @pytest.fixture(scope="module")

@@ -235,9 +235,10 @@ def test_tfds_coco_with_mock_data():
 
   examples = [
       {"image": jpeg(40, 30), "image/id": 7,
-       "objects": {"bbox": np.array([[0.1, 0.25, 0.5, 0.75], [0.0, 0.0, 1.0, 1.0], [0.2, 0.2, 0.2, 0.3]],
-                                    np.float32),
-                   "label": np.array([0, 79, 3], np.int64), "is_crowd": np.array([False, True, False]),
+       "objects": {"bbox": np.array([[0.1, 0.25, 0.5, 0.75], [0.0, 0.0, 1.0, 1.0],
+                                     [0.2, 0.2, 0.2, 0.3]], np.float32),
+                   "label": np.array([0, 79, 3], np.int64),
+                   "is_crowd": np.array([False, True, False]),
                    "area": np.array([120.0, 1200.0, 0.0], np.float32)}},
       {"image": jpeg(20, 50), "image/id": 9,
        "objects": {"bbox": np.zeros((0, 4), np.float32), "label": np.zeros((0,), np.int64),
@@ -258,7 +259,8 @@ def test_tfds_coco_with_mock_data():
   assert len(dataset.coco["categories"]) == 80
   first = dataset.load(0)
   assert first["image"].shape == (30, 40, 3) and first["image_id"] == 7
-  np.testing.assert_allclose(first["boxes"], [[10, 3, 30, 15]], atol=1e-4)  # crowd and empty dropped
+  # crowd and empty dropped
+  np.testing.assert_allclose(first["boxes"], [[10, 3, 30, 15]], atol=1e-4)
   np.testing.assert_array_equal(first["labels"], [0])
   anns = [a for a in dataset.coco["annotations"] if a["image_id"] == 7]
   assert sorted(a["category_id"] for a in anns) == [1, 90]  # crowd kept for evaluation

@@ -13,12 +13,12 @@ import sys
 import numpy as np
 import pytest
 
-from test_train_helpers import JAX_CACHE, REPO, tiny_config
-
 import jaxrank
 from jaxrank import export as export_cli
 from jaxrank import predict as predict_cli
 from jaxrank.data import make_synthetic_dataset, prepare_image_for_inference
+
+from test_train_helpers import JAX_CACHE, REPO, tiny_config
 
 
 def _json(path):

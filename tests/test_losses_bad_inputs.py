@@ -77,7 +77,8 @@ def test_pap_nan_theta():
   theta[3] = np.nan
   with pytest.raises(ValueError, match="theta"):
     losses.params_from_theta(theta)
-  loss = jax.jit(lambda t: losses.parameterized_ap_loss(LOGITS, TARGETS, QUALITY, losses.params_from_theta(t)))
+  loss = jax.jit(lambda t: losses.parameterized_ap_loss(LOGITS, TARGETS, QUALITY,
+                                                        losses.params_from_theta(t)))
   assert np.isnan(float(loss(theta)))
   assert np.isfinite(float(loss(np.full(41, 0.5))))
 
@@ -110,7 +111,8 @@ def test_string_where_elementwise():
     with pytest.raises(TypeError, match="where must be a boolean"):
       fn(x, x, where=where)
   with pytest.raises(TypeError, match="where must be a boolean"):
-    losses.giou_loss(jnp.array([[0.0, 0.0, 1.0, 1.0]] * 2), jnp.array([[0.0, 0.0, 1.0, 1.0]] * 2), where=where)
+    losses.giou_loss(jnp.array([[0.0, 0.0, 1.0, 1.0]] * 2), jnp.array([[0.0, 0.0, 1.0, 1.0]] * 2),
+                     where=where)
   with pytest.raises(TypeError, match="where must be a boolean"):
     losses.weighted_mean(x, x, where=where)
   # numeric masks keep working: nonzero is True

@@ -44,7 +44,8 @@ def test_l1_hand_values_and_where():
   np.testing.assert_allclose(losses.l1_loss(pred, target), [[0.5, 2.0], [0.0, 5.0]])
   where = jnp.array([[True, False], [True, True]])
   np.testing.assert_allclose(losses.l1_loss(pred, target, where=where), [[0.5, 0.0], [0.0, 5.0]])
-  np.testing.assert_allclose(losses.smooth_l1_loss(pred, target, where=where), [[0.125, 0.0], [0.0, 4.5]])
+  np.testing.assert_allclose(losses.smooth_l1_loss(pred, target, where=where),
+                             [[0.125, 0.0], [0.0, 4.5]])
   value = losses.l1_loss(jnp.array([1, 2], jnp.bfloat16), jnp.array([0.0, 0.0]))
   assert value.dtype == jnp.float32
 
@@ -73,7 +74,8 @@ def test_focal_gradient_and_where():
   masked = losses.sigmoid_focal_loss(logits, labels, where=jnp.array([True, False, True]))
   assert float(masked[1]) == 0.0 and float(masked[0]) > 0.0
   # huge logits stay finite (log-space focal weight)
-  assert np.isfinite(losses.sigmoid_focal_loss(jnp.array([80.0, -80.0]), jnp.array([0.0, 1.0]))).all()
+  assert np.isfinite(losses.sigmoid_focal_loss(jnp.array([80.0, -80.0]),
+                                               jnp.array([0.0, 1.0]))).all()
 
 
 def test_matches_optax_when_installed():
@@ -82,7 +84,8 @@ def test_matches_optax_when_installed():
   x = rng.normal(size=40).astype(np.float32) * 2
   y = (rng.random(40) < 0.5).astype(np.float32)
   np.testing.assert_allclose(losses.sigmoid_focal_loss(x, y),
-                             optax.sigmoid_focal_loss(x, y, alpha=0.25, gamma=2.0), rtol=1e-6, atol=1e-8)
+                             optax.sigmoid_focal_loss(x, y, alpha=0.25, gamma=2.0),
+                             rtol=1e-6, atol=1e-8)
   np.testing.assert_allclose(losses.smooth_l1_loss(x, y, beta=0.11),
                              optax.huber_loss(x, y, delta=0.11) / 0.11, rtol=1e-6)
 
@@ -92,7 +95,8 @@ def test_losses_import_needs_only_jax_and_numpy():
           "('flax', 'optax', 'tensorflow', 'tensorflow_datasets', 'pycocotools')])")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert out.stdout.strip() == "[]", out.stdout + out.stderr
-  code = ("import sys, jax.numpy as jnp, jaxrank.losses as l; l.sigmoid_focal_loss(jnp.ones(2), jnp.ones(2));"
+  code = ("import sys, jax.numpy as jnp, jaxrank.losses as l; "
+          "l.sigmoid_focal_loss(jnp.ones(2), jnp.ones(2));"
           "l.smooth_l1_loss(jnp.ones(2), jnp.zeros(2)); print('optax' in sys.modules)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert out.stdout.strip() == "False", out.stdout + out.stderr

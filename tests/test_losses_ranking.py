@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import np_reference as ref
 from jaxrank import losses
 
+import np_reference as ref
 
 EXACT = {
     "ap": (losses.ap_loss, 1.0),
@@ -43,7 +43,8 @@ def reference(name, logits, targets, delta):
   if name == "rank_sort":
     ranking, sorting, grad = ref.rank_sort_loss(logits, targets, delta)
   else:
-    ranking, sorting, grad = ref.bucketed_loss(logits, targets, delta, sorting=name == "bucketed_rank_sort")
+    ranking, sorting, grad = ref.bucketed_loss(logits, targets, delta,
+                                               sorting=name == "bucketed_rank_sort")
   return ranking + sorting, grad
 
 
@@ -64,8 +65,9 @@ def test_matches_float64_reference(name, seed, n, p):
   assert_close(name, logits, targets, EXACT[name][1])
 
 
-@pytest.mark.parametrize("name,delta", [("ap", 0.5), ("ap", 2.0), ("rank_sort", 0.0), ("rank_sort", 1.0),
-                                        ("bucketed_rank_sort", 0.0), ("bucketed_ap", 0.5)])
+@pytest.mark.parametrize("name,delta", [("ap", 0.5), ("ap", 2.0), ("rank_sort", 0.0),
+                                        ("rank_sort", 1.0), ("bucketed_rank_sort", 0.0),
+                                        ("bucketed_ap", 0.5)])
 def test_other_deltas(name, delta):
   logits, targets = make_inputs(3, 800, 25, iou="rank_sort" in name)
   assert_close(name, logits, targets, delta)
@@ -86,8 +88,8 @@ def test_large_logits_and_spread():
   assert_close("ap", logits, targets, 1.0, loss_tol=1e-4, grad_tol=1e-3)
 
 
-@pytest.mark.parametrize("delta,case", [(1.0, "plain"), (0.5, "plain"), (2.0, "plain"), (1.0, "ties"),
-                                        (0.5, "ties"), (1.0, "where")])
+@pytest.mark.parametrize("delta,case", [(1.0, "plain"), (0.5, "plain"), (2.0, "plain"),
+                                        (1.0, "ties"), (0.5, "ties"), (1.0, "where")])
 def test_alrp_matches_reference(delta, case):
   logits, targets = make_inputs(7, 2000, 40, iou=False, quantise=0.25 if case == "ties" else None)
   loc = np.random.default_rng(0).uniform(0, 2, size=logits.shape).astype(np.float32)
@@ -136,8 +138,10 @@ def test_gradient_invariants(name):
 
 def test_bucketed_rs_equals_rs_at_delta_zero_with_ties():
   logits, targets = make_inputs(9, 1500, 40, quantise=0.5)
-  a = jax.value_and_grad(losses.rank_sort_loss)(jnp.asarray(logits), jnp.asarray(targets), delta=0.0)
-  b = jax.value_and_grad(losses.bucketed_rank_sort_loss)(jnp.asarray(logits), jnp.asarray(targets), delta=0.0)
+  a = jax.value_and_grad(losses.rank_sort_loss)(jnp.asarray(logits), jnp.asarray(targets),
+                                                delta=0.0)
+  b = jax.value_and_grad(losses.bucketed_rank_sort_loss)(jnp.asarray(logits), jnp.asarray(targets),
+                                                         delta=0.0)
   np.testing.assert_allclose(a[0], b[0], atol=1e-6)
   np.testing.assert_allclose(a[1], b[1], atol=1e-6)
 
@@ -152,7 +156,8 @@ def test_bucketed_no_relevant_negatives():
   assert float(losses.bucketed_ap_loss(logits, targets)) == 0.0
 
 
-ALL = {**EXACT, "alrp": (lambda x, y, **kw: losses.alrp_loss(x, y, jnp.ones_like(x) * 0.3, **kw)[0], 1.0)}
+ALL = {**EXACT,
+       "alrp": (lambda x, y, **kw: losses.alrp_loss(x, y, jnp.ones_like(x) * 0.3, **kw)[0], 1.0)}
 _SMALL = {}
 
 
@@ -170,7 +175,8 @@ EVERYWHERE = jnp.ones(6, bool)
 
 
 @pytest.mark.parametrize("name", list(ALL))
-@pytest.mark.parametrize("case", ["no_positives", "all_ignored", "single_positive", "ties", "huge", "where"])
+@pytest.mark.parametrize("case", ["no_positives", "all_ignored", "single_positive", "ties", "huge",
+                                  "where"])
 def test_edge_inputs(name, case):
   logits, targets, where = LOGITS, TARGETS, EVERYWHERE
   if case == "no_positives":
@@ -207,7 +213,8 @@ def test_non_finite_logits_give_nan(name, bad):
   value, grad = step(logits, TARGETS, EVERYWHERE)
   assert np.isnan(float(value))
   assert np.all(np.isnan(grad))
-  value, _ = step(logits, TARGETS.at[3].set(-1.0), EVERYWHERE)  # an ignored non-finite entry is fine
+  # an ignored non-finite entry is fine
+  value, _ = step(logits, TARGETS.at[3].set(-1.0), EVERYWHERE)
   assert np.isfinite(float(value))
 
 
@@ -231,7 +238,8 @@ def test_vmap_is_per_row_ranking(name):
   logits = jnp.asarray(np.stack([r[0] for r in rows]))
   targets = jnp.asarray(np.stack([r[1] for r in rows]))
   batched = jax.vmap(lambda x, y: fn(x, y, max_positives=16))(logits, targets)
-  grads = jax.grad(lambda x: jax.vmap(lambda a, b: fn(a, b, max_positives=16))(x, targets).mean())(logits)
+  grads = jax.grad(
+      lambda x: jax.vmap(lambda a, b: fn(a, b, max_positives=16))(x, targets).mean())(logits)
   for i in range(3):
     value, grad = jax.value_and_grad(fn)(logits[i], targets[i])
     np.testing.assert_allclose(batched[i], value, atol=1e-6)
@@ -257,7 +265,8 @@ def test_multidimensional_logits_are_one_ranking():
   flat = losses.rank_sort_loss(logits, targets)
   shaped = losses.rank_sort_loss(logits.reshape(4, 30, 5), targets.reshape(4, 30, 5))
   np.testing.assert_allclose(flat, shaped, atol=1e-7)
-  grad = jax.grad(losses.rank_sort_loss)(jnp.asarray(logits.reshape(4, 30, 5)), targets.reshape(4, 30, 5))
+  grad = jax.grad(losses.rank_sort_loss)(jnp.asarray(logits.reshape(4, 30, 5)),
+                                         targets.reshape(4, 30, 5))
   assert grad.shape == (4, 30, 5)
 
 
@@ -266,10 +275,13 @@ def test_sorting_output_carries_no_gradient():
   from jaxrank.losses.ranking import _rank_sort
   logits, targets = make_inputs(13, 300, 10, iou=True)
   static = (0.5, 16)
-  g_sort = jax.grad(lambda x: _rank_sort(static, x, jnp.asarray(targets), None)[1])(jnp.asarray(logits))
-  g_rank = jax.grad(lambda x: _rank_sort(static, x, jnp.asarray(targets), None)[0])(jnp.asarray(logits))
+  g_sort = jax.grad(lambda x: _rank_sort(static, x, jnp.asarray(targets), None)[1])(
+      jnp.asarray(logits))
+  g_rank = jax.grad(lambda x: _rank_sort(static, x, jnp.asarray(targets), None)[0])(
+      jnp.asarray(logits))
   assert float(jnp.abs(g_sort).max()) == 0.0
-  np.testing.assert_allclose(g_rank, jax.grad(losses.rank_sort_loss)(jnp.asarray(logits), jnp.asarray(targets)))
+  np.testing.assert_allclose(
+      g_rank, jax.grad(losses.rank_sort_loss)(jnp.asarray(logits), jnp.asarray(targets)))
 
 
 def test_bad_arguments():
@@ -306,7 +318,7 @@ for fn in (losses.ap_loss, losses.rank_sort_loss, losses.bucketed_rank_sort_loss
   v8, g8 = f(jax.device_put(x, sh), jax.device_put(y, sh))
   np.testing.assert_allclose(v1, v8, atol=1e-6); np.testing.assert_allclose(g1, g8, atol=1e-7)
 print("sharded ok")
-"""
+"""  # noqa: E501
 
 
 def test_sharded_equals_single_device():
@@ -321,6 +333,7 @@ PUBLIC_MODULES = ("ranking", "bucketed", "parameterized", "classic", "balancing"
 
 def _loss_modules():
   import pkgutil
+
   import jaxrank.losses
   return sorted(m.name for m in pkgutil.iter_modules(jaxrank.losses.__path__))
 
@@ -334,7 +347,8 @@ def test_every_public_module_is_checked():
 def test_docstring_examples(module):
   import importlib
   mod = importlib.import_module(f"jaxrank.losses.{module}")
-  failures, attempted = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  failures, attempted = doctest.testmod(
+      mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert failures == 0
   if module in PUBLIC_MODULES:
     assert attempted > 0, f"jaxrank.losses.{module} has no docstring example"

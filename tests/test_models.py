@@ -7,10 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxrank import ops
-from jaxrank import models
-from jaxrank.models import dense
-from jaxrank.models import layers
+from jaxrank import models, ops
+from jaxrank.models import dense, layers
 
 
 def tiny_config(name="retinanet", **overrides):
@@ -57,7 +55,7 @@ def test_resnet_channels_and_strides():
   for depth, channels in [("resnet18", (128, 256, 512)), ("resnet50", (512, 1024, 2048))]:
     net = nnx.eval_shape(lambda d=depth: models.ResNet(d, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(net)
-    feats = jax.eval_shape(lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 64, 64, 3))), state)
+    feats = jax.eval_shape(lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 64, 64, 3))), state)  # noqa: B023
     assert tuple(f.shape for f in feats) == tuple(
         (1, 64 // s, 64 // s, c) for s, c in zip((8, 16, 32), channels))
 

@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 from jax import numpy as jnp
 
-from test_train_helpers import jax_cache, load_state, tiny_config  # noqa: F401
-
 from jaxrank import models, ops
 from jaxrank.train import config as config_lib
 from jaxrank.train import trainer
+
+from test_train_helpers import jax_cache, load_state, tiny_config  # noqa: F401
 
 
 class CentreBoxDetector(nnx.Module):

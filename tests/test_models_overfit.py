@@ -8,7 +8,6 @@ import pytest
 from flax import nnx
 
 from jaxrank import data
-from jaxrank import models
 from jaxrank.models import dense
 from jaxrank.train.evaluation import detections_to_coco_results, evaluate_coco
 

@@ -7,8 +7,7 @@ import pytest
 from flax import nnx
 
 from jaxrank import models
-from jaxrank.models import dense
-from jaxrank.models import pretrained
+from jaxrank.models import dense, pretrained
 
 
 def torchvision_resnet_shapes(depth):

@@ -16,7 +16,7 @@ SIZE = 64
 NUM_CLASSES = 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def static_info(detector_name):
   config = dense.default_model_config(detector_name)
   config.update(backbone="tiny", image_size=SIZE, num_classes=NUM_CLASSES)
@@ -55,7 +55,7 @@ def loss_config(name, **overrides):
   return config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def loss_and_grad(name, groups=1):
   """Jitted ``(outputs, batch, state) -> ((loss, (metrics, state)), d loss / d outputs)``."""
   static = static_info(recipes.RECIPES[name].detector)
@@ -210,8 +210,8 @@ def test_pap_recipe_is_the_published_loss_with_scaled_box_gradient():
   a = a._replace(positive=positive, ignored=(a.ignored | ~valid[:, None]) & ~positive)
   targets = jax.vmap(lambda x, l: ops.classification_targets(x, l, NUM_CLASSES))(
       a, jnp.asarray(batch["labels"]))
-  matched = jnp.where(positive[..., None], jax.vmap(ops.box_targets)(a, jnp.asarray(batch["boxes"])),
-                      anchors)
+  matched = jnp.where(positive[..., None],
+                      jax.vmap(ops.box_targets)(a, jnp.asarray(batch["boxes"])), anchors)
 
   def direct(outputs):
     pred = static.decode(outputs.box_deltas)
@@ -253,7 +253,7 @@ def test_recipe_model_configs():
 # -- box term and weight against an independent float64 NumPy computation -------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def recipe_static(name):
   """Static info of the recipe's published model (anchors, coder stds) at the test size."""
   config = dense.recipe_model_config(name)

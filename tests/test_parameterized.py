@@ -124,7 +124,7 @@ def test_piecewise_linear_left_slope_at_knot_and_knot_gradient():
   assert gx[3] == pytest.approx(2.0, rel=1e-5)
   # differentiable w.r.t. the knots: finite differences of the published formula
   for i in range(4, 8):
-    ref = np_grad(lambda k: np_linear(np.float64(xs[i]), k)[0], knots.astype(np.float64))
+    ref = np_grad(lambda k: np_linear(np.float64(xs[i]), k)[0], knots.astype(np.float64))  # noqa: B023
     np.testing.assert_allclose(gk[i], ref, atol=1e-4)
   # outside [0, 1]: clamped, no gradient
   assert (y[8], y[9]) == (1.0, 0.0)
@@ -173,7 +173,8 @@ def test_theta_knots_round_trip_and_monotone():
   np.testing.assert_allclose(knots, [np_knots(t) for t in theta], atol=1e-6)
   np.testing.assert_array_equal(knots[:, :2], 0.0)
   np.testing.assert_array_equal(knots[:, -2:], 1.0)
-  assert (np.diff(knots[:, 0::2], axis=1) >= 0).all() and (np.diff(knots[:, 1::2], axis=1) >= 0).all()
+  assert ((np.diff(knots[:, 0::2], axis=1) >= 0).all()
+          and (np.diff(knots[:, 1::2], axis=1) >= 0).all())
   np.testing.assert_allclose(losses.theta_from_knots(knots), theta, atol=2e-4)
   # clipped away from exactly 0 / 1: strictly increasing knots for extreme θ
   extreme = np.asarray(losses.knots_from_theta(np.array([0.0, 1.0] * 4)), np.float64)
@@ -183,20 +184,22 @@ def test_theta_knots_round_trip_and_monotone():
 def test_identity_theta_gives_identity_knots():
   knots = losses.knots_from_theta(np.array([0.2, 0.2, 0.25, 0.25, 1 / 3, 1 / 3, 0.5, 0.5]))
   np.testing.assert_allclose(knots, pap.PRESETS["identity"].h1, atol=1e-6)
-  np.testing.assert_allclose(losses.theta_from_knots(pap.PRESETS["identity"].h2), pap.IDENTITY_THETA,
-                             atol=1e-6)
+  np.testing.assert_allclose(losses.theta_from_knots(pap.PRESETS["identity"].h2),
+                             pap.IDENTITY_THETA, atol=1e-6)
   x = np.linspace(0, 1, 11, dtype=np.float32)
   np.testing.assert_allclose(losses.piecewise_linear(x, knots), x, atol=1e-6)
 
 
 def test_reg_weight_and_flat_vectors():
-  np.testing.assert_allclose(losses.reg_weight_from_theta(np.array([0.0, 0.5, 1.0])), [0.1, 1.0, 10.0],
+  np.testing.assert_allclose(losses.reg_weight_from_theta(np.array([0.0, 0.5, 1.0])),
+                             [0.1, 1.0, 10.0], rtol=1e-6)
+  np.testing.assert_allclose(losses.theta_from_reg_weight(4.1231), (np.log10(4.1231) + 1) / 2,
                              rtol=1e-6)
-  np.testing.assert_allclose(losses.theta_from_reg_weight(4.1231), (np.log10(4.1231) + 1) / 2, rtol=1e-6)
   rng = np.random.default_rng(3)
   theta = rng.uniform(0.01, 0.99, 41)
   params = losses.params_from_theta(theta)
-  np.testing.assert_allclose(params.h2, losses.knots_from_theta(theta[0:8]))    # order H2 I2 I3 I1 H1
+  # order H2 I2 I3 I1 H1
+  np.testing.assert_allclose(params.h2, losses.knots_from_theta(theta[0:8]))
   np.testing.assert_allclose(params.i1, losses.knots_from_theta(theta[24:32]))
   np.testing.assert_allclose(params.h1, losses.knots_from_theta(theta[32:40]))
   np.testing.assert_allclose(params.grad_scale, 10 ** (2 * theta[40] - 1), rtol=1e-5)
@@ -207,7 +210,8 @@ def test_reg_weight_and_flat_vectors():
   rpn, rcnn = losses.faster_rcnn_params_from_theta(theta82)
   np.testing.assert_allclose(rpn.h2, losses.knots_from_theta(theta82[0:8]))
   np.testing.assert_allclose(rcnn.h2, losses.knots_from_theta(theta82[40:48]))
-  np.testing.assert_allclose([rpn.grad_scale, rcnn.grad_scale], 10 ** (2 * theta82[80:] - 1), rtol=1e-5)
+  np.testing.assert_allclose([rpn.grad_scale, rcnn.grad_scale], 10 ** (2 * theta82[80:] - 1),
+                             rtol=1e-5)
   np.testing.assert_allclose(losses.theta_from_faster_rcnn_params(rpn, rcnn), theta82, atol=2e-4)
   with pytest.raises(ValueError):
     losses.params_from_theta(theta[:40])
@@ -244,7 +248,8 @@ N = 60
 
 
 @partial(jax.jit, static_argnames=("top_k", "block_rows", "max_positives"))
-def _vg(logits, targets, quality, params, where=None, *, top_k=100_000, block_rows=None, max_positives=None):
+def _vg(logits, targets, quality, params, where=None, *, top_k=100_000, block_rows=None,
+        max_positives=None):
   fn = lambda s, u: losses.parameterized_ap_loss(s, targets, u, params, where=where, top_k=top_k,
                                                  block_rows=block_rows, max_positives=max_positives)
   value, (g_s, g_u) = jax.value_and_grad(fn, (0, 1))(logits, quality)
@@ -303,7 +308,8 @@ def test_jit_vmap_overflow_where_and_bfloat16():
   fn = partial(losses.parameterized_ap_loss, params=params, top_k=15, max_positives=8)
   batched = jax.jit(jax.vmap(fn))(logits, targets, quality)  # shaped [6, 10] inputs, vmapped
   for b in range(2):
-    assert float(batched[b]) == pytest.approx(np_pap(logits[b], targets[b], quality[b], params, 15), rel=1e-5)
+    assert float(batched[b]) == pytest.approx(
+        np_pap(logits[b], targets[b], quality[b], params, 15), rel=1e-5)
   assert (targets[2] > 0).sum() > 8 and np.isnan(float(batched[2]))  # overflow: NaN
   # where=False is the same as target -1; bfloat16 logits: float32 loss of the rounded
   # logits, bfloat16 gradient
@@ -316,7 +322,8 @@ def test_jit_vmap_overflow_where_and_bfloat16():
   rounded = np.asarray(lb.astype(jnp.float32))
   ref = np_pap(rounded, np.where(mask, targets, -1.0), quality, params, 10**5)
   assert float(value) == pytest.approx(ref, rel=1e-5)
-  assert np.isfinite(np.asarray(g_s, np.float32)).all() and (np.asarray(g_s, np.float32)[:7] == 0).all()
+  assert (np.isfinite(np.asarray(g_s, np.float32)).all()
+          and (np.asarray(g_s, np.float32)[:7] == 0).all())
 
 
 def test_no_positives_all_ignored_overflow_nonfinite():
@@ -361,8 +368,8 @@ def _max_aval_size(jaxpr):
 def test_reverse_mode_memory_is_blocked():
   n, slots, block, k = 600, 64, 16, 512
   logits, targets, quality = _problem(11, shape=(n,), num_pos=40, num_ignored=20)
-  fn = lambda s, u: losses.parameterized_ap_loss(s, targets, u, losses.PRESETS["retinanet"], top_k=k,
-                                                 max_positives=slots, block_rows=block)
+  fn = lambda s, u: losses.parameterized_ap_loss(s, targets, u, losses.PRESETS["retinanet"],
+                                                 top_k=k, max_positives=slots, block_rows=block)
   jaxpr = jax.make_jaxpr(jax.grad(fn, (0, 1)))(logits, quality).jaxpr
   # nothing of size k·P (32768) or (k / B)·P (2048) is kept: only blocks and vectors
   assert _max_aval_size(jaxpr) <= max(block * slots, n, k)

@@ -10,12 +10,12 @@ import os
 
 import pytest
 
-from test_train_helpers import REPO
-
 from jaxrank import ops
 from jaxrank.models import dense
 from jaxrank.train import config as config_lib
 from jaxrank.train import optim
+
+from test_train_helpers import REPO
 
 MMDET_V1 = "open-mmlab/mmdetection v1.x (08ef678) configs/retinanet_r50_fpn_1x.py"
 PAP_FOCAL_GIOU = ("fundamentalvision/Parameterized-AP-Loss "

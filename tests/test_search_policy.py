@@ -36,13 +36,15 @@ def test_sample_in_unit_interval_and_deterministic():
   np.testing.assert_array_equal(a, b)
   assert (a >= 0).all() and (a <= 1).all()
   np.testing.assert_allclose(a[:, 3], 0.3, rtol=1e-6)  # sigma 0: the mean
-  assert not np.array_equal(a, np.asarray(search.sample(jax.random.PRNGKey(1), _logit(mean), sigma, 4000)))
+  assert not np.array_equal(
+      a, np.asarray(search.sample(jax.random.PRNGKey(1), _logit(mean), sigma, 4000)))
   # the sample mean matches the truncated normal's mean (numerical integration of the density)
   grid = np.linspace(0, 1, 20001)
   for d in range(3):
     density = np.exp(np_log_prob(grid, mean[d], sigma[d]))
     expected = np.trapezoid(grid * density, grid)
-    assert a[:, d].mean() == pytest.approx(expected, abs=float(4 * a[:, d].std() / math.sqrt(4000)) + 1e-3)
+    assert a[:, d].mean() == pytest.approx(
+        expected, abs=float(4 * a[:, d].std() / math.sqrt(4000)) + 1e-3)
 
 
 def test_log_prob_matches_formula_and_normalises():

@@ -5,7 +5,8 @@ import pytest
 
 from jaxrank import losses
 from jaxrank.search import config as search_config
-from jaxrank.search import proxy as proxy_lib, runner
+from jaxrank.search import proxy as proxy_lib
+from jaxrank.search import runner
 
 
 @pytest.mark.slow
@@ -44,7 +45,7 @@ together = proxy.run(params, progress=False)
 apart = proxy.run(params, sequential=True, progress=False)
 np.testing.assert_allclose(together.final_loss, apart.final_loss, rtol=1e-4)
 print("OK")
-"""
+"""  # noqa: E501
 
 
 @pytest.mark.slow
@@ -52,7 +53,8 @@ def test_proxies_sharded_over_two_devices():
   import os
   import subprocess
   import sys
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True,
                        text=True)
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

@@ -12,7 +12,8 @@ import pytest
 
 from jaxrank import losses
 from jaxrank.search import config as search_config
-from jaxrank.search import policy, proxy as proxy_lib, runner
+from jaxrank.search import proxy as proxy_lib
+from jaxrank.search import runner
 from jaxrank.train import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +62,8 @@ def test_resumed_search_equals_uninterrupted(tmp_path):
   assert [h["rewards"] for h in resumed.history] == [h["rewards"] for h in straight.history]
   assert [h["thetas"] for h in resumed.history] == [h["thetas"] for h in straight.history]
   # The finished search runs no further round.
-  done = runner.search(small_config(num_rounds=4, max_rounds=0), str(tmp_path / "a"), proxy=FakeProxy())
+  done = runner.search(small_config(num_rounds=4, max_rounds=0), str(tmp_path / "a"),
+                       proxy=FakeProxy())
   assert int(done.state.round) == 4 and len(done.history) == 4
 
 
@@ -117,7 +119,8 @@ def test_fixed_grad_scale():
 
 @pytest.mark.parametrize("key,value,match", [
     ("search.num_samples", 1, "num_samples"), ("search.parallel", "threads", "parallel"),
-    ("search.initial", "faster_rcnn_rpn", "initial"), ("search.fixed_grad_scale", 20.0, "fixed_grad_scale"),
+    ("search.initial", "faster_rcnn_rpn", "initial"),
+    ("search.fixed_grad_scale", 20.0, "fixed_grad_scale"),
     ("search.sigma0", 0.0, "sigma0"), ("loss.name", "rank_sort", "loss.name"),
     ("search.rounds", 3, "unknown"),
 ])

@@ -13,9 +13,19 @@ import time
 import numpy as np
 import pytest
 
-from test_train_helpers import (REPO, assert_states_equal, checkpoint_steps, env,  # noqa: F401
-                                jax_cache, load_meta, load_state, run, tiny_config,
-                                tiny_overrides, train_cmd)
+from test_train_helpers import (  # noqa: F401
+  REPO,
+  assert_states_equal,
+  checkpoint_steps,
+  env,
+  jax_cache,
+  load_meta,
+  load_state,
+  run,
+  tiny_config,
+  tiny_overrides,
+  train_cmd,
+)
 
 
 def test_cli_smoke_writes_the_workdir(tmp_path):

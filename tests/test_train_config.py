@@ -12,10 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from test_train_helpers import REPO
-
 from jaxrank.train import config as config_lib
 from jaxrank.train import optim, presets
+
+from test_train_helpers import REPO
 
 
 def _default():

@@ -12,8 +12,17 @@ import textwrap
 
 import pytest
 
-from test_train_helpers import (REPO, assert_states_equal, checkpoint_steps, env,  # noqa: F401
-                                jax_cache, load_state, tiny_config, tiny_overrides, train_cmd)
+from test_train_helpers import (  # noqa: F401
+  REPO,
+  assert_states_equal,
+  checkpoint_steps,
+  env,
+  jax_cache,
+  load_state,
+  tiny_config,
+  tiny_overrides,
+  train_cmd,
+)
 
 _STEP_SCRIPT = textwrap.dedent("""
   import sys
@@ -115,7 +124,7 @@ def test_two_processes_give_the_one_process_result(tmp_path, jax_cache):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for p, (out, err) in zip(procs, outputs):
+  for p, (_out, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-4000:]
   assert "2 processes" in outputs[0][1] or "on 2 processes" in outputs[0][1]
   assert checkpoint_steps(multi) == [2, 4]

@@ -10,11 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_train_helpers import (assert_states_equal, checkpoint_steps, jax_cache,  # noqa: F401
-                                load_meta, load_state, make_coco_folder, tiny_config)
-
 from jaxrank.data import CorruptImageError
 from jaxrank.train import trainer
+
+from test_train_helpers import (  # noqa: F401
+  assert_states_equal,
+  checkpoint_steps,
+  jax_cache,
+  load_meta,
+  load_state,
+  make_coco_folder,
+  tiny_config,
+)
 
 pytestmark = pytest.mark.usefixtures("jax_cache")
 

@@ -13,14 +13,19 @@ import numpy as np
 import optax
 import pytest
 
-from test_train_helpers import (checkpoint_steps, jax_cache, load_state,  # noqa: F401
-                                tiny_config, tiny_overrides)
-
 from jaxrank.train import checkpoints as ckpt_lib
 from jaxrank.train import config as config_lib
 from jaxrank.train import steps as steps_lib
 from jaxrank.train import trainer
 from jaxrank.train.__main__ import main
+
+from test_train_helpers import (  # noqa: F401
+  checkpoint_steps,
+  jax_cache,
+  load_state,
+  tiny_config,
+  tiny_overrides,
+)
 
 pytestmark = pytest.mark.usefixtures("jax_cache")
 

@@ -20,7 +20,8 @@ def smoothed_step(x, delta: float):
 
 def check_delta(delta, *, allow_zero: bool) -> float:
   if not isinstance(delta, (int, float, np.floating, np.integer)):
-    raise TypeError(f"delta must be a Python number (it is static under jit), got {type(delta).__name__}")
+    raise TypeError("delta must be a Python number (it is static under jit), "
+                    f"got {type(delta).__name__}")
   delta = float(delta)
   if not np.isfinite(delta) or delta < 0 or (delta == 0 and not allow_zero):
     allowed = ">= 0" if allow_zero else "> 0"
@@ -93,19 +94,22 @@ def flatten(logits, targets, where, *, name: str, extra=None,
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     raise TypeError(f"{name}: logits must be floating point, got {logits.dtype}")
   if logits.shape != targets.shape:
-    raise ValueError(f"{name}: logits and targets must have the same shape, got {logits.shape} and {targets.shape}")
+    raise ValueError(f"{name}: logits and targets must have the same shape, "
+                     f"got {logits.shape} and {targets.shape}")
   if logits.size == 0:
     raise ValueError(f"{name}: logits are empty")
   for arr_name, arr in (extra or {}).items():
     if jnp.shape(arr) != logits.shape:
-      raise ValueError(f"{name}: {arr_name} must have the shape of logits {logits.shape}, got {jnp.shape(arr)}")
+      raise ValueError(f"{name}: {arr_name} must have the shape of logits {logits.shape}, "
+                       f"got {jnp.shape(arr)}")
   invalid = check_input(
       lambda xp, y: xp.isnan(y.astype(xp.float32)).any(), targets,
       message=f"{name}: targets contain NaN; use -1 (or where=False) to ignore an entry")
   if max_target is not None:
     invalid = invalid | check_input(
         lambda xp, y: (y.astype(xp.float32) > max_target).any(), targets,
-        message=f"{name}: targets must be <= {max_target} (the IoU of a positive), got a larger one")
+        message=(f"{name}: targets must be <= {max_target} (the IoU of a positive), "
+                 "got a larger one"))
   s = logits.astype(jnp.float32).reshape(-1)
   # Targets closed over as constants would otherwise be constant-folded by XLA at compile
   # time, which is slower than computing on them.

@@ -8,7 +8,7 @@ O(P_real^2) time and O(P + block^2) memory whatever the number of slots.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -34,7 +34,8 @@ def searchsorted(sorted_values, queries, side: str):
   sort-based method on CPU and GPU by a wide margin for N >> P; ``compare_all`` would build
   a P x N array.
   """
-  return jnp.searchsorted(sorted_values, queries, side=side, method="scan_unrolled").astype(jnp.int32)
+  return jnp.searchsorted(sorted_values, queries, side=side,
+                          method="scan_unrolled").astype(jnp.int32)
 
 
 class Thresholds(NamedTuple):
@@ -89,7 +90,8 @@ def _build_tree(weight, moment, ref, *, left_anchored: bool) -> _Tree:
   pad = size - n
   weight = jnp.concatenate([jnp.zeros(size, jnp.float32), weight, jnp.zeros(pad, jnp.float32)])
   moment = jnp.concatenate([jnp.zeros(size, jnp.float32), moment, jnp.zeros(pad, jnp.float32)])
-  ref = jnp.concatenate([jnp.broadcast_to(ref[:1], (size,)), ref, jnp.broadcast_to(ref[-1:], (pad,))])
+  ref = jnp.concatenate([jnp.broadcast_to(ref[:1], (size,)), ref,
+                         jnp.broadcast_to(ref[-1:], (pad,))])
 
   def level(_, tree):
     w, m, r = tree
@@ -128,7 +130,8 @@ def _query_tree(tree: _Tree, lo, hi, q):
     return lo >> 1, hi >> 1, total_w, total_m
 
   zero = jnp.zeros(q.shape, jnp.float32)
-  _, _, total_w, total_m = lax.fori_loop(0, size.bit_length(), level, (lo + size, hi + size, zero, zero))
+  _, _, total_w, total_m = lax.fori_loop(0, size.bit_length(), level,
+                                         (lo + size, hi + size, zero, zero))
   return total_w, total_m
 
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxrank.losses import _pairwise
-from jaxrank.losses._common import (Flat, Positives, check_delta, finish, flatten, gather_positives,
-                                    resolve_max_positives, smoothed_step)
+from jaxrank.losses._common import (
+  Flat,
+  Positives,
+  check_delta,
+  finish,
+  flatten,
+  gather_positives,
+  resolve_max_positives,
+  smoothed_step,
+)
 
 Array = jax.Array
 
@@ -106,9 +115,11 @@ def sorting_part(pos: Positives, delta: float):
   rank_plus, current, target_den, target_num, missorted = (
       a[:slots] for a in (rank_plus, current, target_den, target_num, missorted))
   safe = lambda d: jnp.where(pos.mask, d, 1.0)
-  sorting_error = jnp.where(pos.mask, current / safe(rank_plus) - target_num / safe(target_den), 0.0)
+  sorting_error = jnp.where(pos.mask,
+                            current / safe(rank_plus) - target_num / safe(target_den), 0.0)
   has_missorted = pos.mask & (missorted > RS_EPS)
-  pmf_scale = jnp.where(has_missorted, sorting_error / jnp.where(has_missorted, missorted, 1.0), 0.0)
+  pmf_scale = jnp.where(has_missorted,
+                        sorting_error / jnp.where(has_missorted, missorted, 1.0), 0.0)
 
   def pmf(row_s, row_data, col_s, col_data):
     row_y = row_data[0]

@@ -59,17 +59,20 @@ class SelfBalanceState(NamedTuple):
 def alrp_self_balance_init(initial_weight: float = 50.0) -> SelfBalanceState:
   """The published start: ``w_SB = 50``, empty histories."""
   zero = jnp.zeros((), jnp.float32)
-  return SelfBalanceState(jnp.asarray(initial_weight, jnp.float32), zero, zero, jnp.zeros((), jnp.int32))
+  return SelfBalanceState(jnp.asarray(initial_weight, jnp.float32), zero, zero,
+                          jnp.zeros((), jnp.int32))
 
 
 def alrp_balance_period(num_train_images: int, global_batch_size: int) -> int:
   """Steps in one epoch: the published period (3665 = ceil(117266 / 32) for COCO at batch 32)."""
   if num_train_images < 1 or global_batch_size < 1:
-    raise ValueError(f"need positive sizes, got {num_train_images} images and batch {global_batch_size}")
+    raise ValueError(f"need positive sizes, got {num_train_images} images "
+                     f"and batch {global_batch_size}")
   return math.ceil(num_train_images / global_batch_size)
 
 
-def alrp_self_balance_update(state: SelfBalanceState, cls_loss, loc_loss, *, period: int) -> SelfBalanceState:
+def alrp_self_balance_update(state: SelfBalanceState, cls_loss, loc_loss, *,
+                             period: int) -> SelfBalanceState:
   r"""Accumulates one step's loss values; every ``period`` steps sets
 
   .. math:: w_{SB} = \frac{\overline{L_{loc}} + \overline{L_{cls}}}{\overline{L_{loc}}}
@@ -84,7 +87,8 @@ def alrp_self_balance_update(state: SelfBalanceState, cls_loss, loc_loss, *, per
   loc_sum = state.loc_sum + lax.stop_gradient(jnp.asarray(loc_loss, jnp.float32))
   count = state.count + 1
   due = count >= period
-  new_weight = jnp.where(loc_sum > 0, (loc_sum + cls_sum) / jnp.where(loc_sum > 0, loc_sum, 1.0), state.weight)
+  new_weight = jnp.where(loc_sum > 0, (loc_sum + cls_sum) / jnp.where(loc_sum > 0, loc_sum, 1.0),
+                         state.weight)
   zero = jnp.zeros((), jnp.float32)
   return SelfBalanceState(
       weight=jnp.where(due, new_weight, state.weight),

@@ -32,8 +32,15 @@ import jax.numpy as jnp
 
 from jaxrank.losses._common import Flat, Positives
 from jaxrank.losses._ramp import make_thresholds, ramp_values, searchsorted, window_sums
-from jaxrank.losses._shared import (MAX_IOU_TARGET, RS_EPS, LossParts, ranking_impl, sorting_part,
-                                    static_options, without_errors)
+from jaxrank.losses._shared import (
+  MAX_IOU_TARGET,
+  RS_EPS,
+  LossParts,
+  ranking_impl,
+  sorting_part,
+  static_options,
+  without_errors,
+)
 from jaxrank.losses._vjp import error_driven
 
 __all__ = ["ERRORS", "bucketed_ap_loss", "bucketed_rank_sort_loss"]
@@ -90,7 +97,8 @@ ERRORS = {
 }
 
 
-def bucketed_ap_loss(logits, targets, *, delta: float = 1.0, where=None, max_positives: int | None = None):
+def bucketed_ap_loss(logits, targets, *, delta: float = 1.0, where=None,
+                     max_positives: int | None = None):
   r"""Bucketed AP Loss as published: the RS ranking error over bucket prototypes.
 
   .. math::
@@ -109,8 +117,8 @@ def bucketed_ap_loss(logits, targets, *, delta: float = 1.0, where=None, max_pos
     >>> round(float(losses.bucketed_ap_loss(logits, targets)), 4)
     0.1667
   """
-  static = static_options("bucketed_ap_loss", logits, targets, delta, max_positives, allow_zero=True,
-                          where=where)
+  static = static_options("bucketed_ap_loss", logits, targets, delta, max_positives,
+                          allow_zero=True, where=where)
   return _bap(static, logits, targets, where)[0]
 
 

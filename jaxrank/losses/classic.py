@@ -25,7 +25,8 @@ def _masked(values, where, *, name: str):
   return values if where is None else jnp.where(check_where(where, name=name), values, 0.0)
 
 
-def sigmoid_focal_loss(logits, labels, *, alpha: float | None = 0.25, gamma: float = 2.0, where=None):
+def sigmoid_focal_loss(logits, labels, *, alpha: float | None = 0.25, gamma: float = 2.0,
+                       where=None):
   r"""Sigmoid focal loss (Lin et al., ICCV 2017), element-wise, as ``optax.sigmoid_focal_loss``.
 
   .. math:: FL(p_t) = -\alpha_t (1 - p_t)^\gamma \log p_t

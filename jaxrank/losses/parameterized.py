@@ -125,7 +125,8 @@ def piecewise_linear(x, knots) -> Array:
     left, right = kx[..., k], kx[..., k + 1]
     passed = (x > right) | (right == 0)
     inside = (x > left) & ~passed
-    value = value + jnp.where(passed, rise[..., k], jnp.where(inside, slope[..., k] * (x - left), 0.0))
+    value = value + jnp.where(passed, rise[..., k],
+                              jnp.where(inside, slope[..., k] * (x - left), 0.0))
   zeros = jnp.sum(jnp.where(kx[..., 1:-1] == 0, 1, 0), axis=-1)
   slope_at_zero = jnp.take_along_axis(slope, zeros[..., None], axis=-1)[..., 0]
   knot_at_zero = jnp.take_along_axis(kx, zeros[..., None], axis=-1)[..., 0]  # = 0
@@ -269,7 +270,8 @@ PRESETS: dict[str, PAPParams] = {
         i1=[0, 0, 0.2574, 0.2363, 0.5442, 0.5999, 0.7165, 0.6548, 0.8728, 0.8331, 1, 1],
         h1=[0, 0, 0.1551, 0.2675, 0.4902, 0.3957, 0.7245, 0.5095, 0.8068, 0.8720, 1, 1],
         grad_scale=7.1324),
-    "identity": _preset(*([[0, 0, 0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8, 1, 1]] * 5), grad_scale=1.0),
+    "identity": _preset(*([[0, 0, 0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8, 1, 1]] * 5),
+                        grad_scale=1.0),
 }
 
 #: ``θ`` of one function whose knots are the identity (the published search's initial mean).
@@ -326,7 +328,8 @@ def _knots(params: PAPParams):
   """The five knot vectors as float32, and the traced flag of non-monotone or NaN knots."""
   if not isinstance(params, PAPParams):
     raise TypeError("parameterized_ap_loss: params must be a PAPParams (e.g. "
-                    f"PRESETS['retinanet'] or params_from_theta(theta)), got {type(params).__name__}")
+                    "PRESETS['retinanet'] or params_from_theta(theta)), "
+                    f"got {type(params).__name__}")
   out = {}
   invalid = jnp.zeros((), bool)
   for name in FUNCTION_ORDER:
@@ -478,12 +481,14 @@ def parameterized_ap_loss(logits, targets, quality, params: PAPParams, *, top_k:
   num_blocks = -(-k // block)
   pad = num_blocks * block - k
   if pad:
-    row_s, row_w, row_m = (jnp.concatenate([a, jnp.zeros(pad, jnp.float32)]) for a in (row_s, row_w, row_m))
+    row_s, row_w, row_m = (jnp.concatenate([a, jnp.zeros(pad, jnp.float32)])
+                           for a in (row_s, row_w, row_m))
   xs = tuple(a.reshape(num_blocks, block) for a in (row_s, row_w, row_m))
   col_s = pos.logits
   body = jax.checkpoint(_pair_sums)
   ends = jnp.stack([piecewise_linear(jnp.array([0.0, 1.0]), knots["h2"]),
-                    lax.stop_gradient(piecewise_linear(jnp.array([0.0, 1.0]), knots["h1"]))], axis=1)
+                    lax.stop_gradient(piecewise_linear(jnp.array([0.0, 1.0]), knots["h1"]))],
+                   axis=1)
 
   def step(carry, x):
     num, den = body(*x, col_s, knots["h2"], knots["h1"], ends)

@@ -31,8 +31,17 @@ from jax import lax
 from jaxrank.losses import bucketed
 from jaxrank.losses._common import Flat, Positives, check_input, flatten, smoothed_step
 from jaxrank.losses._ramp import bucketize, make_thresholds, ramp_values, window_sums
-from jaxrank.losses._shared import (MAX_IOU_TARGET, RS_EPS, LossParts, RankingErrors, per_entry,
-                                    ranking_impl, sorting_part, static_options, without_errors)
+from jaxrank.losses._shared import (
+  MAX_IOU_TARGET,
+  RS_EPS,
+  LossParts,
+  RankingErrors,
+  per_entry,
+  ranking_impl,
+  sorting_part,
+  static_options,
+  without_errors,
+)
 from jaxrank.losses._vjp import error_driven
 
 Array = jax.Array
@@ -114,7 +123,8 @@ _alrp = error_driven(without_errors(_alrp_impl), 3)
 _rank_sort = error_driven(without_errors(_rank_sort_impl), 2)
 
 
-def ap_loss(logits, targets, *, delta: float = 1.0, where=None, max_positives: int | None = None) -> Array:
+def ap_loss(logits, targets, *, delta: float = 1.0, where=None,
+            max_positives: int | None = None) -> Array:
   r"""AP Loss (Chen et al., 2019): one minus the smoothed, interpolated average precision.
 
   .. math::
@@ -254,7 +264,7 @@ def rank_sort_loss(logits, targets, *, delta: float = 0.5, where=None,
     >>> targets = jnp.array([0.6, 0.0, 0.9, 0.0])
     >>> round(float(losses.rank_sort_loss(logits, targets)), 4)
     0.3
-  """
+  """  # noqa: E501
   static = static_options("rank_sort_loss", logits, targets, delta, max_positives, allow_zero=True,
                           where=where, max_target=MAX_IOU_TARGET)
   ranking, sorting = _rank_sort(static, logits, targets, where)

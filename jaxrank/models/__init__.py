@@ -15,10 +15,20 @@ the evaluation, the search and the benchmarks use only the functions below.
 """
 
 from jaxrank.models import dense
-from jaxrank.models.family import (Detector, DetectorFamily, TrainingSetup, build_detector,
-                                   check_config, default_model_config, family_of,
-                                   init_loss_state, model_names, prepare_loss_config,
-                                   register_family, unregister_family)
+from jaxrank.models.family import (
+  Detector,
+  DetectorFamily,
+  TrainingSetup,
+  build_detector,
+  check_config,
+  default_model_config,
+  family_of,
+  init_loss_state,
+  model_names,
+  prepare_loss_config,
+  register_family,
+  unregister_family,
+)
 from jaxrank.models.layers import Frozen
 from jaxrank.models.pretrained import load_torchvision_resnet
 from jaxrank.models.resnet import BACKBONES, ResNet, TinyBackbone, build_backbone

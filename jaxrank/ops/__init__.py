@@ -4,13 +4,31 @@ Everything is jit-able with static shapes and works on one image at a time where
 (``jax.vmap`` over a batch).
 """
 
-from jaxrank.ops.anchors import (base_anchors, feature_map_sizes, generate_anchors,
-                                 num_anchors_per_level, num_anchors_per_location)
+from jaxrank.ops.anchors import (
+  base_anchors,
+  feature_map_sizes,
+  generate_anchors,
+  num_anchors_per_level,
+  num_anchors_per_location,
+)
 from jaxrank.ops.assigners import Assignment, atss_assign, max_iou_assign
-from jaxrank.ops.boxes import (aligned_giou, aligned_iou, aligned_iou_giou, box_area,
-                               box_centers, box_cxcywh_to_xyxy, box_xywh_to_xyxy,
-                               box_xyxy_to_cxcywh, box_xyxy_to_xywh, check_boxes, clip_boxes,
-                               pairwise_giou, pairwise_iou, pairwise_iou_giou, valid_boxes)
+from jaxrank.ops.boxes import (
+  aligned_giou,
+  aligned_iou,
+  aligned_iou_giou,
+  box_area,
+  box_centers,
+  box_cxcywh_to_xyxy,
+  box_xywh_to_xyxy,
+  box_xyxy_to_cxcywh,
+  box_xyxy_to_xywh,
+  check_boxes,
+  clip_boxes,
+  pairwise_giou,
+  pairwise_iou,
+  pairwise_iou_giou,
+  valid_boxes,
+)
 from jaxrank.ops.coding import decode_boxes, encode_boxes
 from jaxrank.ops.postprocess import Detections, batched_nms, nms, postprocess_detections
 from jaxrank.ops.targets import box_targets, classification_targets

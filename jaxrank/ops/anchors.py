@@ -12,7 +12,7 @@ are constants under ``jax.jit``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -6,7 +6,8 @@ match. Both assigners return an :class:`Assignment` of ``[A]`` arrays.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,8 @@ Shapes are static: NMS walks the score-sorted candidates with a ``lax.while_loop
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +115,7 @@ def nms(boxes, scores, *, iou_threshold: float = 0.5, max_output: int, mask=None
 
 
 def postprocess_detections(class_logits, boxes, *,
-                           num_anchors_per_level: Optional[Sequence[int]] = None,
+                           num_anchors_per_level: Sequence[int] | None = None,
                            score_threshold: float = 0.05, pre_nms_top_k: int = 1000,
                            iou_threshold: float = 0.5,
                            max_detections: int = 100) -> Detections:

@@ -8,8 +8,18 @@ outputs, and ``python -m jaxrank.search`` its command line. The policy needs ``o
 proxies need the ``[train]`` extra.
 """
 
-from jaxrank.search.policy import (SearchState, init_search_state, log_prob, lr_schedule, policy_mean,
-                                   ppo_objective, run_search, sample, sigma_schedule, update_policy)
+from jaxrank.search.policy import (
+  SearchState,
+  init_search_state,
+  log_prob,
+  lr_schedule,
+  policy_mean,
+  ppo_objective,
+  run_search,
+  sample,
+  sigma_schedule,
+  update_policy,
+)
 
 __all__ = [
     "SearchState",

@@ -36,13 +36,15 @@ def main(argv=None) -> int:
     return cli.fail(PROG, str(e), 2)
   parser = argparse.ArgumentParser(
       prog=PROG, description="Search Parameterized AP Loss functions with proxy trainings. "
-                             "Overrides: --config.SECTION.FIELD=VALUE (e.g. --config.search.max_rounds=2).",
+                             "Overrides: --config.SECTION.FIELD=VALUE "
+                             "(e.g. --config.search.max_rounds=2).",
       epilog="Sections: search, and the proxy's model, loss, data, optimizer, train, eval.")
   parser.add_argument("--config", default=None,
-                      help=f"search config file (FILE or FILE:ARG) or packaged config name; default "
-                           f"{DEFAULT_CONFIG}")
+                      help=f"search config file (FILE or FILE:ARG) or packaged config name; "
+                           f"default {DEFAULT_CONFIG}")
   parser.add_argument("--workdir", default=None,
-                      help="search folder; resumes from its checkpoints (default runs/search-<time>)")
+                      help="search folder; resumes from its checkpoints "
+                           "(default runs/search-<time>)")
   parser.add_argument("--print_config", action="store_true")
   parser.add_argument("--no_progress", action="store_true")
   parser.add_argument("--verbose", action="store_true")
@@ -69,7 +71,8 @@ def main(argv=None) -> int:
   cli.setup_logging(None, verbose=args.verbose)
   os.makedirs(workdir, exist_ok=True)
   handler = logging.FileHandler(os.path.join(workdir, "search.log"))
-  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                         "%H:%M:%S"))
   logging.getLogger("jaxrank").addHandler(handler)
   log = logging.getLogger("jaxrank.search")
   terminate = checkpoints.TerminationRequest((signal.SIGTERM, signal.SIGINT))
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
     return cli.fail(PROG, f"{type(e).__name__}: {e}", 1)
   h = result.history[-1] if result.history else None
   print(f"search: {len(result.history)} of {int(result.state.num_rounds)} rounds"
-        + (f", last round reward mean {h['mean_reward']:.4f}, best {h['best_reward']:.4f}" if h else "")
+        + (f", last round reward mean {h['mean_reward']:.4f}, best {h['best_reward']:.4f}"
+           if h else "")
         + f" -> {result.config_path}", flush=True)
   return 0
 

@@ -11,7 +11,8 @@ import numpy as np
 from jaxrank.losses import parameterized
 from jaxrank.train.plots import pyplot, save_figure
 
-_COLORS = {"h1": "tab:blue", "h2": "tab:orange", "i1": "tab:green", "i2": "tab:red", "i3": "tab:purple"}
+_COLORS = {"h1": "tab:blue", "h2": "tab:orange", "i1": "tab:green", "i2": "tab:red",
+           "i3": "tab:purple"}
 
 
 def _knots(theta: np.ndarray) -> dict[str, np.ndarray]:

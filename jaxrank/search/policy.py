@@ -23,8 +23,9 @@ current μ. Everything here is a pure function of arrays and PRNG keys.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +100,8 @@ def init_search_state(initial_theta, *, sigma0=SIGMA0, num_rounds: int = NUM_ROU
 
 def policy_mean(state_or_mu_logit) -> Array:
   """The policy mean ``sigmoid(μ)`` ``[D]``: the searched parameters after the last round."""
-  mu = state_or_mu_logit.mu_logit if isinstance(state_or_mu_logit, SearchState) else state_or_mu_logit
+  mu = (state_or_mu_logit.mu_logit if isinstance(state_or_mu_logit, SearchState)
+        else state_or_mu_logit)
   return jax.nn.sigmoid(jnp.asarray(mu, jnp.float32))
 
 
@@ -114,7 +116,8 @@ def sample(key, mu_logit, sigma, num_samples: int) -> Array:
   sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), mean.shape)
   positive = sigma > 0
   safe = jnp.where(positive, sigma, 1.0)
-  z = jax.random.truncated_normal(key, -mean / safe, (1.0 - mean) / safe, (int(num_samples),) + mean.shape)
+  z = jax.random.truncated_normal(key, -mean / safe, (1.0 - mean) / safe,
+                                  (int(num_samples),) + mean.shape)
   return jnp.clip(jnp.where(positive, mean + safe * z, mean), 0.0, 1.0)
 
 
@@ -128,7 +131,7 @@ def log_prob(theta, mu_logit, sigma) -> Array:
 
   ``-inf`` outside ``[0, 1]``; ``μ = sigmoid(mu_logit)``, ``σ > 0``. Differentiable w.r.t.
   ``mu_logit``. Sum over the last axis for the log-probability of a vector.
-  """
+  """  # noqa: E501
   theta = jnp.asarray(theta, jnp.float32)
   mean = policy_mean(mu_logit)
   sigma = jnp.asarray(sigma, jnp.float32)
@@ -138,7 +141,8 @@ def log_prob(theta, mu_logit, sigma) -> Array:
   return jnp.where((theta >= 0) & (theta <= 1), lp, -jnp.inf)
 
 
-def ppo_objective(mu_logit, thetas, advantages, old_log_prob, sigma, *, clip_eps: float = CLIP_EPS) -> Array:
+def ppo_objective(mu_logit, thetas, advantages, old_log_prob, sigma, *,
+                  clip_eps: float = CLIP_EPS) -> Array:
   """``mean_k min(r_k A_k, r̃_k A_k)`` (to be maximised); the ratio is clipped per dimension in
   log space before the sum over dimensions, as published."""
   diff = log_prob(thetas, mu_logit, sigma) - old_log_prob
@@ -174,7 +178,8 @@ def _ppo_update(mu_logit, thetas, advantages, old_sigma, new_sigma, *, clip_eps,
     updates, opt_state = optimizer.update(grad, opt_state, mu)
     return (optax.apply_updates(mu, updates), opt_state), -value
 
-  (mu, _), objective = jax.lax.scan(step, (mu_logit, optimizer.init(mu_logit)), None, length=num_steps)
+  (mu, _), objective = jax.lax.scan(step, (mu_logit, optimizer.init(mu_logit)), None,
+                                    length=num_steps)
   return mu, objective
 
 
@@ -191,15 +196,18 @@ def update_policy(state: SearchState, thetas, rewards, *, clip_eps: float = CLIP
   """
   thetas = jnp.asarray(thetas, jnp.float32)
   rewards = jnp.asarray(rewards, jnp.float32).reshape(-1)
-  if thetas.ndim != 2 or thetas.shape[1:] != state.mu_logit.shape or thetas.shape[0] != rewards.shape[0]:
+  if (thetas.ndim != 2 or thetas.shape[1:] != state.mu_logit.shape
+      or thetas.shape[0] != rewards.shape[0]):
     raise ValueError(f"thetas must be [K, {state.mu_logit.shape[0]}] and rewards [K], got "
                      f"{thetas.shape} and {rewards.shape}")
-  return _update_policy(state, thetas, rewards, clip_eps=float(clip_eps), learning_rate=float(learning_rate),
-                        num_steps=int(num_steps), warmup_steps=int(warmup_steps))
+  return _update_policy(state, thetas, rewards, clip_eps=float(clip_eps),
+                        learning_rate=float(learning_rate), num_steps=int(num_steps),
+                        warmup_steps=int(warmup_steps))
 
 
 @partial(jax.jit, static_argnames=("clip_eps", "learning_rate", "num_steps", "warmup_steps"))
-def _update_policy(state: SearchState, thetas, rewards, *, clip_eps, learning_rate, num_steps, warmup_steps):
+def _update_policy(state: SearchState, thetas, rewards, *, clip_eps, learning_rate, num_steps,
+                   warmup_steps):
   advantages = rewards - jnp.mean(rewards)
   new_sigma = sigma_schedule(state.sigma0, state.round + 1, state.num_rounds)
   new_sigma = jnp.where(jnp.sum(new_sigma) == 0, state.sigma, new_sigma)
@@ -220,7 +228,8 @@ def _update_policy(state: SearchState, thetas, rewards, *, clip_eps, learning_ra
 
 
 def run_search(key, reward_fn: Callable[[Array], Array], state: SearchState, *,
-               num_samples: int = NUM_SAMPLES, num_rounds: int | None = None, **update_kwargs) -> SearchState:
+               num_samples: int = NUM_SAMPLES, num_rounds: int | None = None,
+               **update_kwargs) -> SearchState:
   """Runs rounds until ``state.round == state.num_rounds`` (or ``num_rounds`` more rounds):
   sample ``num_samples`` vectors, score them with ``reward_fn(thetas [K, D]) -> [K]`` (a
   Python callable: in the real search, proxy training runs), update. NaN rewards count as 0.

@@ -19,19 +19,20 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrank import losses
-from jaxrank.train import evaluation, input_pipeline, optim
 from jaxrank.train import config as config_lib
+from jaxrank.train import evaluation, input_pipeline, optim, trainer
 from jaxrank.train import logging as log_lib
 from jaxrank.train import steps as steps_lib
-from jaxrank.train import trainer
 
 log = logging.getLogger("jaxrank.search")
 
@@ -80,7 +81,8 @@ class ProxyTrainer:
   def __init__(self, config, *, abort_after: int = 50, devices=None):
     config_lib.validate(config)
     if config.loss.name != "pap":
-      raise config_lib.ConfigError(f"the search proxy needs loss.name='pap', got {config.loss.name!r}")
+      raise config_lib.ConfigError("the search proxy needs loss.name='pap', "
+                                   f"got {config.loss.name!r}")
     self.abort_after = int(abort_after)
     self._devices = devices
     self.train_ds, self.val_ds = input_pipeline.build_datasets(config.data)
@@ -153,7 +155,7 @@ class ProxyTrainer:
     loss_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), loss_params)
     k = int(jnp.shape(loss_params.h1)[0])
     if sequential and k > 1:
-      parts = [self.run(jax.tree.map(lambda x: x[i:i + 1], loss_params), progress=progress,
+      parts = [self.run(jax.tree.map(lambda x, i=i: x[i:i + 1], loss_params), progress=progress,
                         should_stop=should_stop, desc=f"{desc} {i + 1}/{k}") for i in range(k)]
       return ProxyResult(
           **{f.name: np.concatenate([getattr(p, f.name) for p in parts])
@@ -165,7 +167,8 @@ class ProxyTrainer:
     t0 = time.time()
     state = init(self._init_params, self._init_rest, loss_params)
     split = NamedSharding(mesh, P(PROXY_AXIS))
-    counters = jax.device_put({"bad_steps": np.zeros(k, np.int32), "loss_sum": np.zeros(k, np.float32),
+    counters = jax.device_put({"bad_steps": np.zeros(k, np.int32),
+                               "loss_sum": np.zeros(k, np.float32),
                                "loss_count": np.zeros(k, np.int32),
                                "last_loss": np.zeros(k, np.float32)}, split)
     tail_start = self.num_steps - max(1, self.num_steps // 10)

@@ -70,8 +70,8 @@ def loss_params(thetas, search) -> losses.PAPParams:
   """:class:`PAPParams` ``[K]`` of the sampled ``thetas`` ``[K, 41]``."""
   params = losses.params_from_theta(jnp.asarray(thetas, jnp.float32))
   if search.fixed_grad_scale:
-    params = params._replace(grad_scale=jnp.full(params.grad_scale.shape, float(search.fixed_grad_scale),
-                                                 jnp.float32))
+    params = params._replace(grad_scale=jnp.full(params.grad_scale.shape,
+                                                 float(search.fixed_grad_scale), jnp.float32))
   return params
 
 
@@ -121,7 +121,8 @@ def get_config(which=None):
   return path
 
 
-def _record(round_: int, thetas, result, new_state: policy.SearchState, seconds: float) -> dict[str, Any]:
+def _record(round_: int, thetas, result, new_state: policy.SearchState,
+            seconds: float) -> dict[str, Any]:
   return {
       "round": round_,
       "thetas": np.asarray(thetas).round(6).tolist(),
@@ -160,7 +161,8 @@ def search(config, workdir: str, *, proxy: Proxy | None = None, progress: bool |
 
     proxy = ProxyTrainer(search_config.trainer_config(config), abort_after=int(s.abort_after))
 
-  fresh = policy.init_search_state(initial_theta(s), sigma0=float(s.sigma0), num_rounds=int(s.num_rounds))
+  fresh = policy.init_search_state(initial_theta(s), sigma0=float(s.sigma0),
+                                   num_rounds=int(s.num_rounds))
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
                                        keep=int(s.keep_checkpoints), async_save=False)
   restored = checkpointer.restore_latest(jax.tree.map(np.asarray, fresh))
@@ -190,7 +192,8 @@ def search(config, workdir: str, *, proxy: Proxy | None = None, progress: bool |
       t = int(state.round)
       t0 = time.time()
       thetas = with_fixed_grad_scale(
-          policy.sample(jax.random.fold_in(key, t), state.mu_logit, state.sigma, int(s.num_samples)), s)
+          policy.sample(jax.random.fold_in(key, t), state.mu_logit, state.sigma,
+                        int(s.num_samples)), s)
       result = proxy.run(loss_params(thetas, s), sequential=sequential, progress=progress,
                          should_stop=should_stop, desc=f"round {t + 1}/{total}")
       rewards = jnp.nan_to_num(jnp.asarray(result.rewards, jnp.float32), nan=0.0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any

@@ -154,7 +154,7 @@ def plot_detections_grid(
     if i >= n:
       continue
     ax.imshow(denormalize(images[i]))
-    for box, label, m in zip(gt_boxes[i], gt_labels[i], gt_mask[i]):
+    for box, _label, m in zip(gt_boxes[i], gt_labels[i], gt_mask[i]):
       if not m:
         continue
       x1, y1, x2, y2 = box

@@ -23,7 +23,6 @@ import dataclasses
 import logging
 import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -33,11 +32,8 @@ import numpy as np
 from jaxrank import models
 from jaxrank.train import checkpoints as ckpt_lib
 from jaxrank.train import config as config_lib
-from jaxrank.train import evaluation
-from jaxrank.train import input_pipeline
+from jaxrank.train import evaluation, input_pipeline, optim, plots
 from jaxrank.train import logging as log_lib
-from jaxrank.train import optim
-from jaxrank.train import plots
 from jaxrank.train import sharding as shard_lib
 from jaxrank.train import steps as steps_lib
 

@@ -13,10 +13,19 @@ published recipes, see :mod:`jaxrank.models.dense.recipes`).
 (774, 4)
 """
 
-from jaxrank.models.dense.config import (DETECTORS, LOSS_NAMES, RECIPES, DetectorStatic,
-                                         LossSettings, check_loss_config, check_model_config,
-                                         default_loss_config, default_model_config,
-                                         init_loss_state, recipe_model_config)
+from jaxrank.models.dense.config import (
+  DETECTORS,
+  LOSS_NAMES,
+  RECIPES,
+  DetectorStatic,
+  LossSettings,
+  check_loss_config,
+  check_model_config,
+  default_loss_config,
+  default_model_config,
+  init_loss_state,
+  recipe_model_config,
+)
 from jaxrank.models.dense.detector import DenseDetector, DetectorOutputs, build_detector
 from jaxrank.models.dense.recipes import detection_loss
 from jaxrank.models.family import DetectorFamily, TrainingSetup

@@ -13,8 +13,13 @@ from flax import nnx
 
 from jaxrank import ops
 from jaxrank.models.dense import recipes
-from jaxrank.models.dense.config import (DetectorStatic, LossSettings, check_loss_config,
-                                         check_model_config, default_loss_config)
+from jaxrank.models.dense.config import (
+  DetectorStatic,
+  LossSettings,
+  check_loss_config,
+  check_model_config,
+  default_loss_config,
+)
 from jaxrank.models.dense.heads import ATSSHead, RetinaHead
 from jaxrank.models.fpn import FPN
 from jaxrank.models.layers import DTYPES

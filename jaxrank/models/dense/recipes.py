@@ -35,8 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrank import losses, ops
-from jaxrank.models.dense.config import (ATSS_TOPK, DetectorStatic, LossSettings,
-                                         check_loss_config)
+from jaxrank.models.dense.config import ATSS_TOPK, DetectorStatic, LossSettings, check_loss_config
 
 _RANKING = {
     "ap": losses.ap_loss,
