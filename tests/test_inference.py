@@ -18,7 +18,7 @@ from jaxrank import export as export_cli
 from jaxrank import predict as predict_cli
 from jaxrank.data import make_synthetic_dataset, prepare_image_for_inference
 
-from test_train_helpers import JAX_CACHE, REPO, tiny_config
+from test_train_helpers import REPO, compilation_cache, tiny_config
 
 
 def _json(path):
@@ -34,22 +34,11 @@ def _folder_size(path) -> int:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """A tiny run with checkpoints at steps 2 and 4 (trained once for the module)."""
-  import jax
-
   from jaxrank.train import trainer
 
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update("jax_compilation_cache_dir", JAX_CACHE)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   workdir = str(tmp_path_factory.mktemp("inference_run"))
-  try:
+  with compilation_cache():
     trainer.train(tiny_config(train__num_steps=4, train__checkpoint_every=2), workdir)
-  finally:
-    for n, v in old.items():
-      jax.config.update(n, v)
   return workdir
 
 

@@ -1,4 +1,4 @@
-"""Slow: every recipe overfits two synthetic images with the tiny backbone (COCO AP > 0.9)."""
+"""Every recipe overfits two synthetic images with the tiny backbone (COCO AP > 0.9)."""
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,6 @@ def overfit(name, *, steps=STEPS, lr=1e-3, num_images=2, seed=0):
   return losses, evaluate_coco(dataset.coco, results)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", dense.LOSS_NAMES)
 def test_overfit_two_images(name, record_property):
   losses, metrics = overfit(name)

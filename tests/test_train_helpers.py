@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -51,9 +52,9 @@ _CACHE_ENV = {
 }
 
 
-@pytest.fixture
-def jax_cache():
-  """Enables the shared persistent compilation cache for one test."""
+@contextlib.contextmanager
+def compilation_cache():
+  """The shared persistent compilation cache, enabled inside the ``with`` block."""
   import jax
 
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
@@ -62,9 +63,18 @@ def jax_cache():
   jax.config.update("jax_compilation_cache_dir", JAX_CACHE)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield JAX_CACHE
-  for n, v in old.items():
-    jax.config.update(n, v)
+  try:
+    yield JAX_CACHE
+  finally:
+    for n, v in old.items():
+      jax.config.update(n, v)
+
+
+@pytest.fixture
+def jax_cache():
+  """Enables the shared persistent compilation cache for one test."""
+  with compilation_cache() as path:
+    yield path
 
 
 def tiny_config(loss: str = "focal_smooth_l1", **updates):
