@@ -16,12 +16,16 @@ SIZE = 64
 NUM_CLASSES = 3
 
 
-@functools.cache
-def static_info(detector_name):
-  config = dense.default_model_config(detector_name)
+def tiny_static(config):
+  """Static info of ``config``'s detector with the tiny backbone at the test size."""
   config.update(backbone="tiny", image_size=SIZE, num_classes=NUM_CLASSES)
   detector = nnx.eval_shape(lambda: dense.build_detector(config, rngs=nnx.Rngs(0)))
   return detector.static_info()
+
+
+@functools.cache
+def static_info(detector_name):
+  return tiny_static(dense.default_model_config(detector_name))
 
 
 def make_batch():
@@ -256,10 +260,7 @@ def test_recipe_model_configs():
 @functools.cache
 def recipe_static(name):
   """Static info of the recipe's published model (anchors, coder stds) at the test size."""
-  config = dense.recipe_model_config(name)
-  config.update(backbone="tiny", image_size=SIZE, num_classes=NUM_CLASSES)
-  detector = nnx.eval_shape(lambda: dense.build_detector(config, rngs=nnx.Rngs(0)))
-  return detector.static_info()
+  return tiny_static(dense.recipe_model_config(name))
 
 
 def np_assignment(name, static, batch):
