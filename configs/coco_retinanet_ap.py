@@ -9,7 +9,7 @@ from jaxrank.train import presets
 
 def get_config():
   # kemaloksuz/aLRPLoss configs/alrp_loss/ap_loss_retinanet_r50_fpn_100e_coco500.py
-  c = presets.coco_base()
+  c = presets.coco500_base()  # SSD-style 512, 100 epochs, x0.1 at 60 and 80
   c.name = "coco_retinanet_ap"
   c.model.name = "retinanet"  # FPN P6 from C5 (add_extra_convs='on_input'), 4-conv head
   c.model.anchor_ratios = (0.5, 1.0, 2.0)
@@ -20,14 +20,8 @@ def get_config():
   c.loss.assigner = "max_iou"  # MaxIoUAssigner pos 0.5, neg 0.4, min_pos_iou 0
   c.loss.delta = 1.0
   c.loss.box_loss_weight = 1.0
-  c.data.image_size = 512  # coco500_detection_augm: 512 x 512
-  c.data.augment = "ssd"
   c.optimizer.lr = 0.002
   c.optimizer.lr_reference_batch_size = 32  # 8 images x 4 GPUs
-  c.optimizer.warmup_ratio = 0.001
-  c.optimizer.decay_epochs = (60, 80)
-  c.optimizer.grad_clip_norm = 0.0
   c.train.batch_size = 32
-  c.train.num_epochs = 100
   c.eval.iou_threshold = 0.5
   return c

@@ -9,7 +9,7 @@ from jaxrank.train import presets
 
 def get_config():
   # fundamentalvision/Parameterized-AP-Loss configs/paploss/paploss_retinanet_r50_fpn.py
-  c = presets.coco_base()
+  c = presets.coco500_base()  # SSD-style 512, 100 epochs, x0.1 at 60 and 80
   c.name = "coco_retinanet_pap"
   c.model.name = "retinanet"  # FPN P6 from C5 (add_extra_convs='on_input'), 4-conv head
   c.model.anchor_ratios = (0.5, 1.0, 2.0)
@@ -20,15 +20,9 @@ def get_config():
   c.loss.assigner = "max_iou"  # MaxIoUAssigner pos 0.5, neg 0.4, min_pos_iou 0
   c.loss.pap_preset = "retinanet"  # ctrl_points and reg_weight 4.1231 of the config
   c.loss.pap_top_k = 100_000  # num_topk
-  c.data.image_size = 512  # coco500_detection_augm: 512 x 512
-  c.data.augment = "ssd"
   c.optimizer.lr = 0.016
   c.optimizer.lr_reference_batch_size = 64  # 8 images x 8 GPUs
-  c.optimizer.warmup_ratio = 0.001
-  c.optimizer.decay_epochs = (60, 80)
-  c.optimizer.grad_clip_norm = 0.0
   c.train.batch_size = 64
-  c.train.num_epochs = 100
   c.eval.score_threshold = 0.05  # the config's comment: 0.05 for accurate results (0.5 fast)
   c.eval.iou_threshold = 0.6
   return c

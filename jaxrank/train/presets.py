@@ -144,6 +144,22 @@ def coco_base(*, source: str = "coco_folder") -> ConfigDict:
   return c
 
 
+def coco500_base(*, source: str = "coco_folder") -> ConfigDict:
+  """:func:`coco_base` with what the published 512 recipes (AP Loss, aLRP Loss, Parameterized
+  AP Loss and focal + GIoU RetinaNet) share: their repositories'
+  ``configs/_base_/datasets/coco500_detection_augm.py`` (SSD-style augmentation at 512) and
+  their 100-epoch schedule (warmup ratio 0.001, x0.1 at epochs 60 and 80, no gradient
+  clipping)."""
+  c = coco_base(source=source)
+  c.data.image_size = 512
+  c.data.augment = "ssd"
+  c.optimizer.warmup_ratio = 0.001
+  c.optimizer.decay_epochs = (60, 80)
+  c.optimizer.grad_clip_norm = 0.0
+  c.train.num_epochs = 100
+  return c
+
+
 def coco_config(recipe: str) -> ConfigDict:
   """The published COCO recipe of the packaged config file ``configs/coco_<recipe>.py``."""
   if recipe not in COCO_RECIPES:
