@@ -33,7 +33,7 @@ def synthetic_config(loss_name: str = "rank_sort", *, name: str | None = None) -
 
   Tuned for the default run (RS loss): AdamW 2e-3 at batch 8 with a cosine schedule,
   2400 steps (~9 epochs of 2048 images); COCO AP@[.5:.95] about 0.56 on the 256
-  validation images after 6-8 minutes on a 2-core CPU.
+  validation images after about 3 minutes on an idle 2-core CPU.
   """
   c = base_config()
   c.name = name or f"synthetic_{loss_name}"
