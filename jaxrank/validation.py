@@ -27,7 +27,7 @@ class ConfigError(ValueError):
   """An invalid config file, section, key or value."""
 
 
-def _bounds_text(min, max, above, below) -> str:  # noqa: A002
+def _bounds_text(min, max, above, below) -> str:
   parts = []
   if min is not None:
     parts.append(f">= {min}")
@@ -40,7 +40,7 @@ def _bounds_text(min, max, above, below) -> str:  # noqa: A002
   return " and ".join(parts)
 
 
-def _in_bounds(value, min, max, above, below) -> bool:  # noqa: A002
+def _in_bounds(value, min, max, above, below) -> bool:
   return ((min is None or value >= min) and (max is None or value <= max)
           and (above is None or value > above) and (below is None or value < below))
 
@@ -75,7 +75,7 @@ class Section:
     if missing:
       raise ConfigError(f"config lacks the key(s) {[self.key(k) for k in missing]}")
 
-  def integer(self, field: str, *, min: int | None = None, max: int | None = None) -> int:  # noqa: A002
+  def integer(self, field: str, *, min: int | None = None, max: int | None = None) -> int:
     value = self.config[field]
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
       raise self.error(field, f"must be an int, got {value!r}")
@@ -83,7 +83,7 @@ class Section:
       raise self.error(field, f"must be {_bounds_text(min, max, None, None)}, got {value!r}")
     return int(value)
 
-  def number(self, field: str, *, min: float | None = None, max: float | None = None,  # noqa: A002
+  def number(self, field: str, *, min: float | None = None, max: float | None = None,
              above: float | None = None, below: float | None = None) -> float:
     """A finite real number within the bounds (``min``/``max`` inclusive, ``above``/``below``
     exclusive)."""
@@ -100,8 +100,8 @@ class Section:
   def optional_number(self, field: str, **bounds) -> float | None:
     return None if self.config[field] is None else self.number(field, **bounds)
 
-  def numbers(self, field: str, *, length: int | None = None, min: float | None = None,  # noqa: A002
-              max: float | None = None, above: float | None = None,  # noqa: A002
+  def numbers(self, field: str, *, length: int | None = None, min: float | None = None,
+              max: float | None = None, above: float | None = None,
               below: float | None = None,
               increasing: bool = False, allow_empty: bool = False) -> tuple[float, ...]:
     """A sequence of finite numbers (each within the bounds)."""

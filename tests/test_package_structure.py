@@ -93,3 +93,12 @@ def test_losses_import_only_jax_and_numpy():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                        check=True).stdout.strip()
   assert out == "[]"
+
+
+def test_docstring_examples_outside_the_losses():
+  import doctest
+  import importlib
+
+  for name in ("jaxrank.validation", "jaxrank.models", "jaxrank.models.dense"):
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted and not result.failed, (name, result)
