@@ -17,7 +17,6 @@ AP, and writes ``detections.json`` (COCO results format), ``metrics.json``,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -36,7 +35,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", default=None, help="training run folder")
   parser.add_argument("--config", default=None,
-                      help="config file (default: <workdir>/config.json)")
+                      help="config file or packaged config name (default: <workdir>/config.json)")
   parser.add_argument("--checkpoint_dir", default=None,
                       help="checkpoint folder (default: <workdir>/checkpoints)")
   parser.add_argument("--checkpoint", type=int, default=None,
@@ -59,14 +58,12 @@ def main(argv=None) -> int:
 
   try:
     if args.config is not None:
-      config = config_lib.load_config_file(args.config)
+      config = cli.load_config(args.config, overrides)
     else:
-      path = os.path.join(args.workdir, "config.json")
-      if not os.path.isfile(path):
+      config = cli.load_run_config(args.workdir, overrides)
+      if config is None:
+        path = os.path.join(args.workdir, "config.json")
         return cli.fail(PROG, f"{path} not found; is {args.workdir!r} a training run folder?", 1)
-      with open(path, encoding="utf-8") as f:
-        config = config_lib.from_dict(json.load(f))
-    config_lib.apply_overrides(config, overrides)
     config_lib.validate(config)
   except config_lib.ConfigError as e:
     return cli.fail(PROG, str(e), 2)
