@@ -33,6 +33,7 @@ from jaxrank.data.transforms import prepare_image_for_inference
 from jaxrank.train import config as config_lib
 from jaxrank.train import steps as steps_lib
 from jaxrank.train.checkpoints import abstract_savable, all_finite, from_savable, to_savable
+from jaxrank.validation import Section
 
 log = logging.getLogger(__name__)
 
@@ -254,23 +255,12 @@ class LoadedDetector:
   def post_options(self, **overrides) -> dict[str, Any]:
     """The post-processing options: the run's ``eval`` section with ``overrides`` (None:
     the run's value); bad values raise :class:`ValueError` naming the option."""
-    options = {}
-    for name in POST_OPTIONS:
-      value = overrides.get(name)
-      options[name] = self.config.eval[name] if value is None else value
-    score = float(options["score_threshold"])
-    if not np.isfinite(score):
-      raise ValueError(f"score_threshold must be finite, got {options['score_threshold']!r}")
-    iou = float(options["iou_threshold"])
-    if not 0.0 <= iou <= 1.0:
-      raise ValueError(f"iou_threshold must be in [0, 1], got {options['iou_threshold']!r}")
-    for name in ("max_detections", "pre_nms_top_k"):
-      value = options[name]
-      if isinstance(value, bool) or int(value) != value or int(value) < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return {"score_threshold": score, "iou_threshold": iou,
-            "max_detections": int(options["max_detections"]),
-            "pre_nms_top_k": int(options["pre_nms_top_k"])}
+    options = Section({name: self.config.eval[name] if overrides.get(name) is None
+                       else overrides[name] for name in POST_OPTIONS}, "eval")
+    return {"score_threshold": options.number("score_threshold"),
+            "iou_threshold": options.number("iou_threshold", min=0.0, max=1.0),
+            "max_detections": options.integer("max_detections", min=1),
+            "pre_nms_top_k": options.integer("pre_nms_top_k", min=1)}
 
   def predict(self, image, *, score_threshold: float | None = None,
               max_detections: int | None = None, iou_threshold: float | None = None,
