@@ -321,7 +321,6 @@ SECTIONS = ("model", "loss", "data", "optimizer", "train", "eval")
 
 
 def _check_data(data: Section) -> None:
-  data.fields(base_config().data.keys())
   source = data.choice("source", ("synthetic", "coco_folder", "tfds"))
   data.choice("augment", ("none", "flip", "ssd"))
   data.choice("on_corrupt", ("raise", "skip"))
@@ -342,7 +341,6 @@ def _check_data(data: Section) -> None:
 
 
 def _check_optimizer(opt: Section) -> None:
-  opt.fields(base_config().optimizer.keys())
   opt.choice("name", ("sgd", "adamw"))
   opt.choice("schedule", ("step", "cosine", "constant"))
   opt.number("lr", above=0.0)
@@ -363,7 +361,6 @@ def _check_optimizer(opt: Section) -> None:
 
 
 def _check_train(train: Section) -> None:
-  train.fields(base_config().train.keys())
   for key in ("batch_size", "log_every", "keep_checkpoints"):
     train.integer(key, min=1)
   for key in ("num_epochs", "num_steps", "eval_every", "checkpoint_every", "seed",
@@ -379,7 +376,6 @@ def _check_train(train: Section) -> None:
 
 
 def _check_eval(ev: Section) -> None:
-  ev.fields(base_config().eval.keys())
   for key in ("batch_size", "max_detections", "pre_nms_top_k"):
     ev.integer(key, min=1)
   ev.integer("num_plot_images", min=0)
@@ -392,10 +388,12 @@ def validate(config: ConfigDict) -> None:
   for section in SECTIONS:
     if section not in config or not isinstance(config[section], ConfigDict):
       raise ConfigError(f"config lacks the section {section!r}")
-  _check_data(Section(config.data, "data"))
-  _check_optimizer(Section(config.optimizer, "optimizer"))
-  _check_train(Section(config.train, "train"))
-  _check_eval(Section(config.eval, "eval"))
+  base = base_config()
+  for section, check in (("data", _check_data), ("optimizer", _check_optimizer),
+                         ("train", _check_train), ("eval", _check_eval)):
+    fields = Section(config[section], section)
+    fields.fields(base[section].keys())
+    check(fields)
   for field in ("image_size", "num_classes"):
     if config.model.get(field) != config.data[field]:
       raise ConfigError(
