@@ -142,3 +142,26 @@ def test_nan_score_threshold_raises():
   assert not np.any(det.valid)
   det = ops.postprocess_detections(np.zeros((1, 1)), boxes, score_threshold=-1.0)
   assert bool(det.valid[0])
+
+
+def test_multiclass_nms_class_specific_boxes_and_mask():
+  from jaxrank.ops import multiclass_nms
+
+  scores = jnp.asarray([[0.9, 0.1], [0.8, 0.7], [0.95, 0.2]])
+  boxes = jnp.asarray([
+      [[0, 0, 10, 10], [20, 20, 30, 30]],
+      [[0, 0, 10, 9], [20, 20, 30, 31]],
+      [[50, 50, 60, 60], [0, 0, 1, 1]],
+  ], jnp.float32)
+  mask = jnp.asarray([True, True, False])
+  dets = multiclass_nms(scores, boxes, mask=mask, score_threshold=0.15, iou_threshold=0.5,
+                        max_detections=4)
+  # Row 2 is masked; class 0 keeps row 0 (row 1 overlaps it); class 1 keeps row 1's box.
+  assert dets.valid.tolist() == [True, True, False, False]
+  np.testing.assert_allclose(dets.scores[:2], [0.9, 0.7])
+  assert dets.classes[:2].tolist() == [0, 1]
+  np.testing.assert_allclose(dets.boxes[1], [20, 20, 30, 31])
+  agnostic = multiclass_nms(scores, boxes[:, 0], score_threshold=0.0, max_detections=3)
+  assert agnostic.valid.all() and agnostic.scores.tolist()[0] == pytest.approx(0.95)
+  with pytest.raises(ValueError, match="boxes"):
+    multiclass_nms(scores, boxes[:2], max_detections=3)

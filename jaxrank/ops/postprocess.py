@@ -168,10 +168,62 @@ def postprocess_detections(class_logits, boxes, *,
   cand_scores = jnp.concatenate(cand_scores)
   pairs = jnp.concatenate(cand_pairs)
   cand_anchor, cand_class = pairs // num_classes, (pairs % num_classes).astype(jnp.int32)
-  cand_boxes = boxes[cand_anchor]
+  return _nms_candidates(boxes[cand_anchor], cand_scores, cand_class,
+                         score_threshold=score_threshold, iou_threshold=iou_threshold,
+                         max_detections=max_detections)
 
-  keep, valid = batched_nms(cand_boxes, cand_scores, cand_class, iou_threshold=iou_threshold,
-                            max_output=max_detections, mask=cand_scores > score_threshold)
-  return Detections(jnp.where(valid[:, None], cand_boxes[keep], 0.0),
-                    jnp.where(valid, cand_scores[keep], 0.0),
-                    jnp.where(valid, cand_class[keep], 0).astype(jnp.int32), valid)
+
+def _nms_candidates(boxes, scores, classes, *, score_threshold, iou_threshold, max_detections,
+                    mask=None):
+  keep_mask = scores > score_threshold
+  if mask is not None:
+    keep_mask = keep_mask & mask
+  keep, valid = batched_nms(boxes, scores, classes, iou_threshold=iou_threshold,
+                            max_output=max_detections, mask=keep_mask)
+  return Detections(jnp.where(valid[:, None], boxes[keep], 0.0),
+                    jnp.where(valid, scores[keep], 0.0),
+                    jnp.where(valid, classes[keep], 0).astype(jnp.int32), valid)
+
+
+def multiclass_nms(scores, boxes, *, mask=None, score_threshold: float = 0.05,
+                   pre_nms_top_k: int = 1000, iou_threshold: float = 0.5,
+                   max_detections: int = 100) -> Detections:
+  """Two-stage test-time post-processing (mmdet's ``multiclass_nms``) for ONE image.
+
+  Every (box, class) pair with score ``> score_threshold`` is a candidate; the
+  ``pre_nms_top_k`` best candidates go through class-wise NMS at ``iou_threshold`` (see
+  :func:`batched_nms`), which keeps at most ``max_detections`` by decreasing score. mmdet
+  has no ``pre_nms_top_k`` here: with the R-CNN's 1000 RoIs and 100 detections, 1000
+  candidates change nothing in practice and keep the shapes small.
+
+  Args:
+    scores: ``[R, C]`` class probabilities (sigmoid or softmax without the background).
+    boxes: ``[R, 4]`` (class-agnostic) or ``[R, C, 4]`` (class-specific) xyxy boxes.
+    mask: optional ``bool [R]``; False rows (padding) are never detected.
+
+  Returns:
+    :class:`Detections` with ``D = max_detections`` slots.
+  """
+  _check_iou_threshold(iou_threshold)
+  score_value = _concrete_float(score_threshold, "score_threshold")
+  if score_value is not None and math.isnan(score_value):
+    raise ValueError("score_threshold must not be NaN.")
+  scores = jnp.asarray(scores, jnp.float32)
+  boxes = check_boxes(boxes)
+  if scores.ndim != 2 or boxes.shape[0] != scores.shape[0] or boxes.ndim not in (2, 3) or (
+      boxes.ndim == 3 and boxes.shape[1] != scores.shape[1]):
+    raise ValueError(f"scores must be [R, C] and boxes [R, 4] or [R, C, 4], got {scores.shape} "
+                     f"and {boxes.shape}.")
+  num_rows, num_classes = scores.shape
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    if mask.shape != (num_rows,):
+      raise ValueError(f"mask must be [R]=({num_rows},), got {mask.shape}.")
+    scores = jnp.where(mask[:, None], scores, -1.0)
+  flat = scores.reshape(-1)
+  top, pairs = jax.lax.top_k(flat, min(int(pre_nms_top_k), flat.shape[0]))
+  rows, classes = pairs // num_classes, (pairs % num_classes).astype(jnp.int32)
+  cand_boxes = boxes[rows] if boxes.ndim == 2 else boxes[rows, classes]
+  return _nms_candidates(cand_boxes, top, classes, score_threshold=score_threshold,
+                         iou_threshold=iou_threshold, max_detections=max_detections,
+                         mask=top >= 0.0)
