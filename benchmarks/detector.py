@@ -1,13 +1,17 @@
-"""Train-step time and peak memory of every loss recipe on a ResNet-FPN detector.
+"""Train-step time and peak memory of every published recipe of a detector family on a
+ResNet-FPN detector, as ratios to the family's baseline (focal + smooth L1 for RetinaNet /
+ATSS, cross-entropy + L1 for Faster / Cascade R-CNN).
 
-Each recipe runs in its own subprocess (so peak memory is its own): a jitted step of
-the trainer's step (``detector.loss`` through :mod:`jaxrank.train.steps`) with SGD momentum, timed after warm-up as the
-median of ``--steps`` steps, on random images with ``--boxes`` random boxes per image.
+Each recipe runs in its own subprocess (so peak memory is its own): a jitted step of the
+trainer's step (``detector.loss`` through :mod:`jaxrank.train.steps`) with SGD momentum,
+timed after warm-up as the median of ``--steps`` steps, on random images with ``--boxes``
+random boxes per image.
 
   python benchmarks/detector.py                       # ResNet-50-FPN, 512x512, batch 2
   python benchmarks/detector.py --backbone resnet18 --image-size 256 --steps 3
   python benchmarks/detector.py --loss-only --detector atss   # the losses alone
-"""  # noqa: E501
+  python benchmarks/detector.py --family-model faster_rcnn --detector faster_rcnn  # two-stage
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import subprocess
 import sys
 import time
 
-REFERENCE = "focal_smooth_l1"
+#: The baseline every family's ratios are taken to.
+REFERENCES = ("focal_smooth_l1", "faster_rcnn_ce_smooth_l1")
 
 
 def child(args) -> dict:
@@ -33,12 +38,11 @@ def child(args) -> dict:
   from jaxrank.train import steps as steps_lib
 
   name = args.recipe
-  family = models.family_of({"name": args.family_model})
-  model_config = (family.model_config_for_loss(name) if args.detector == "published"
-                  else models.default_model_config(args.detector))
+  model_config, loss_config = models.recipe_config(name)
+  if args.detector != "published":
+    model_config = models.default_model_config(args.detector)
   model_config.update(backbone=args.backbone, image_size=args.image_size,
                       num_classes=args.num_classes, dtype=args.dtype)
-  loss_config = family.default_loss_config(name)
   for field, value in (("alrp_period", 100), ("max_positives_per_image", args.max_positives)):
     if field in loss_config:
       loss_config[field] = value
@@ -128,7 +132,7 @@ def main(argv=None):
   parser.add_argument("--family-model", default="retinanet", choices=models.model_names(),
                       help="a model name of the detector family whose loss recipes to run")
   parser.add_argument("--recipes", nargs="+", default=None,
-                      help="loss names (default: every loss of the family)")
+                      help="recipe names (default: every recipe of the family)")
   parser.add_argument("--detector", default="published",
                       choices=("published",) + models.model_names(),
                       help="each recipe's published detector, or one detector for all")
@@ -147,12 +151,16 @@ def main(argv=None):
     return
 
   family = models.family_of({"name": args.family_model})
-  recipes = list(args.recipes or family.loss_names)
-  unknown = sorted(set(recipes) - set(family.loss_names))
+  if args.loss_only and family.name != "dense":
+    parser.error("--loss-only times the dense family's loss function on random head outputs")
+  recipes = list(args.recipes or family.recipe_names)
+  unknown = sorted(set(recipes) - set(family.recipe_names))
   if unknown:
-    parser.error(f"unknown recipes {unknown}; the {family.name} family has {family.loss_names}")
-  if REFERENCE in family.loss_names and REFERENCE not in recipes:
-    recipes.insert(0, REFERENCE)
+    parser.error(f"unknown recipes {unknown}; the {family.name} family has "
+                 f"{family.recipe_names}")
+  reference_name = next((r for r in REFERENCES if r in family.recipe_names), None)
+  if reference_name is not None and reference_name not in recipes:
+    recipes.insert(0, reference_name)
   passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
   if "--recipes" in passthrough:
     i = passthrough.index("--recipes")
@@ -175,16 +183,17 @@ def main(argv=None):
     r = rows[-1]
     print(f"  {name}: {r['step_ms']:.0f} ms/step (compile {r['compile_s']:.0f} s)", flush=True)
 
-  reference = next((r for r in rows if r["recipe"] == REFERENCE), None)
-  header = (f"{'recipe':<20} {'detector':<10} {'anchors':>8} {'#pos':>6} {'step ms':>9} "
-            f"{'x focal':>8} {'peak RSS MB':>12} {'x focal':>8} {'device MB':>10} "
+  reference = next((r for r in rows if r["recipe"] == reference_name), None)
+  short = "x focal" if reference_name == "focal_smooth_l1" else "x CE"
+  header = (f"{'recipe':<32} {'detector':<12} {'anchors':>8} {'#pos':>6} {'step ms':>9} "
+            f"{short:>8} {'peak RSS MB':>12} {short:>8} {'device MB':>10} "
             f"{'compile s':>10}")
   print(f"\nplatform: {rows[0]['platform'] if rows else '?'}\n{header}\n{'-' * len(header)}")
   for r in rows:
     t_ratio = r["step_ms"] / reference["step_ms"] if reference else float("nan")
     m_ratio = r["peak_rss_mb"] / reference["peak_rss_mb"] if reference else float("nan")
     device = f"{r['device_peak_mb']:.0f}" if r["device_peak_mb"] else "n/a"
-    print(f"{r['recipe']:<20} {r['detector']:<10} {r['anchors'] or 0:>8} "
+    print(f"{r['recipe']:<32} {r['detector']:<12} {r['anchors'] or 0:>8} "
           f"{r['num_positives']:>6.0f} "
           f"{r['step_ms']:>9.1f} {t_ratio:>8.2f} {r['peak_rss_mb']:>12.0f} {m_ratio:>8.2f} "
           f"{device:>10} {r['compile_s']:>10.1f}")

@@ -7,8 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxrank import data
-from jaxrank.models import dense
+from jaxrank import data, models
+from jaxrank.models import dense, two_stage
 from jaxrank.train.evaluation import detections_to_coco_results, evaluate_coco
 
 SIZE = 96
@@ -66,3 +66,60 @@ def test_overfit_two_images(name, record_property):
   assert np.all(np.isfinite(losses))
   assert losses[-10:].mean() < 0.25 * losses[:10].mean()
   assert metrics["AP"] > 0.9, metrics["summary"]
+
+
+def overfit_two_stage(recipe, *, steps=300, lr=1e-3, seed=0):
+  """As :func:`overfit` through the detector interface (``detector.loss``) for a two-stage
+  recipe on a tiny Faster / Cascade R-CNN."""
+  dataset = data.make_synthetic_dataset(2, image_size=SIZE, num_classes=3, max_objects=3,
+                                        min_size=24, seed=seed)
+  batch = next(iter(data.iterate_batches(dataset, batch_size=2, image_size=SIZE, max_boxes=4,
+                                         shuffle=False, prefetch=0)))
+  model_config, loss_config = models.recipe_config(recipe)
+  model_config.update(backbone="tiny", norm="group_norm", frozen_stages=-1, image_size=SIZE,
+                      num_classes=3, fpn_channels=32, rpn_channels=32, fc_channels=128,
+                      anchor_scale=4.0, rpn_train_pre_nms=500, rpn_train_post_nms=64,
+                      rpn_test_pre_nms=500, rpn_test_post_nms=64, finest_scale=28.0,
+                      roi_sampling_ratio=1)
+  loss_config.update(alrp_period=50, pap_top_k=2000)
+  detector = models.build_detector(model_config, loss_config, rngs=nnx.Rngs(seed))
+  graphdef, params, rest = nnx.split(detector, nnx.Param, ...)
+  tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, 20, steps, 0.05 * lr))
+  arrays = jax.tree.map(jnp.asarray, {k: v for k, v in batch.items()
+                                      if k in ("image", "boxes", "labels", "box_mask", "valid")})
+
+  @jax.jit
+  def step(params, opt_state, loss_state):
+    def f(p):
+      loss, _, new_state = nnx.merge(graphdef, p, rest).loss(arrays, loss_state)
+      return loss, new_state
+    (loss, loss_state), grads = jax.value_and_grad(f, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss_state, loss
+
+  opt_state = tx.init(params)
+  loss_state = models.init_loss_state(model_config, loss_config)
+  losses = []
+  for _ in range(steps):
+    params, opt_state, loss_state, loss = step(params, opt_state, loss_state)
+    losses.append(loss)
+  losses = np.asarray(jax.device_get(losses))
+  detect = nnx.jit(lambda m, x: m.detect(x, score_threshold=0.0))
+  dets = detect(nnx.merge(graphdef, params, rest), arrays["image"])
+  results = detections_to_coco_results(batch["image_id"], dets.boxes, dets.scores,
+                                       np.where(dets.valid, dets.classes, -1), batch["valid"],
+                                       batch["scale"], dataset.label_to_category_id)
+  return losses, evaluate_coco(dataset.coco, results)
+
+
+@pytest.mark.parametrize("recipe", [
+    pytest.param(r, marks=() if r == "faster_rcnn_rank_sort" else pytest.mark.slow)
+    for r in two_stage.RECIPE_NAMES])
+def test_two_stage_overfits_two_images(recipe, record_property):
+  losses, metrics = overfit_two_stage(recipe)
+  print(f"{recipe}: loss {losses[0]:.3f} -> {losses[-1]:.4f}, AP {metrics['AP']:.3f}, "
+        f"AP50 {metrics['AP50']:.3f}")
+  record_property("AP", metrics["AP"])
+  assert np.all(np.isfinite(losses))
+  assert losses[-10:].mean() < 0.5 * losses[:10].mean()
+  assert metrics["AP"] >= 0.9, metrics["summary"]

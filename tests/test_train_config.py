@@ -37,18 +37,20 @@ def test_default_config_is_tiny_rs_on_synthetic():
 def test_every_config_file_loads_and_validates(path):
   c = config_lib.load_config_file(path)
   config_lib.validate(c)
-  from jaxrank.models.dense import check_loss_config, check_model_config
+  from jaxrank import models
 
   resolved = c.copy_and_resolve_references()
-  check_model_config(resolved.model)
-  check_loss_config(resolved.loss)
+  models.family_of(resolved.model).check_config(resolved.model, resolved.loss)
 
 
 def test_parametrised_config_file():
   c = config_lib.load_config_file(os.path.join(REPO, "configs", "synthetic.py") + ":alrp")
   assert c.loss.name == "alrp" and c.model.name == "retinanet"
-  with pytest.raises(ValueError, match="must be one of"):
+  with pytest.raises(ValueError, match="unknown recipe 'nope'"):
     config_lib.load_config_file(os.path.join(REPO, "configs", "synthetic.py") + ":nope")
+  c = config_lib.load_config_file(os.path.join(REPO, "configs", "synthetic.py")
+                                  + ":cascade_rcnn_rank_sort")
+  assert c.loss.name == "rank_sort" and c.model.name == "cascade_rcnn"
 
 
 _PUBLISHED = {
@@ -62,6 +64,14 @@ _PUBLISHED = {
   "coco_atss_brs": ("bucketed_rank_sort", 0.008, 16, 12, (8, 11), 0.001, 800),
   "coco_atss_bap": ("bucketed_ap", 0.008, 16, 12, (8, 11), 0.001, 800),
   "coco_retinanet_pap": ("pap", 0.016, 64, 100, (60, 80), 0.001, 512),
+  "coco_faster_rcnn_ce_smooth_l1": ("ce_smooth_l1", 0.04, 64, 100, (75, 95), 0.001, 512),
+  "coco_faster_rcnn_ce_giou": ("ce_giou", 0.04, 64, 100, (75, 95), 0.001, 512),
+  "coco_faster_rcnn_rs": ("rank_sort", 0.012, 16, 12, (8, 11), 0.001, 800),
+  "coco_faster_rcnn_brs": ("bucketed_rank_sort", 0.012, 16, 12, (8, 11), 0.001, 800),
+  "coco_faster_rcnn_alrp": ("alrp", 0.012, 32, 100, (75, 95), 0.001, 512),
+  "coco_faster_rcnn_pap": ("pap", 0.024, 64, 100, (75, 95), 0.001, 512),
+  "coco_cascade_rcnn_rs": ("rank_sort", 0.012, 16, 12, (8, 11), 0.001, 800),
+  "coco_cascade_rcnn_brs": ("bucketed_rank_sort", 0.012, 16, 12, (8, 11), 0.001, 800),
 }
 
 
@@ -97,14 +107,17 @@ def test_coco_configs_start_from_the_shared_base():
     "loss.name", "loss.assigner", "loss.delta", "loss.box_loss_weight", "data.image_size",
     "data.augment", "optimizer.lr", "optimizer.lr_reference_batch_size",
     "optimizer.warmup_ratio", "optimizer.decay_epochs", "optimizer.grad_clip_norm",
-    "train.batch_size", "train.num_epochs", "eval.iou_threshold",
+    "train.batch_size", "train.num_epochs", "eval.iou_threshold", "eval.score_threshold",
   }
   base = config_lib.to_dict(presets.coco_base())
   for name in _PUBLISHED:
     c = config_lib.to_dict(config_lib.load_config_file(os.path.join(REPO, "configs",
                                                                     f"{name}.py")))
+    # The two-stage model and loss sections are their recipe's (models.recipe_config).
+    own = ("model", "loss") if c["model"]["name"] in ("faster_rcnn", "cascade_rcnn") else ()
     changed = {"name"} if c["name"] != base["name"] else set()
-    changed |= {f"{section}.{key}" for section, fields in c.items() if isinstance(fields, dict)
+    changed |= {f"{section}.{key}" for section, fields in c.items()
+                if isinstance(fields, dict) and section not in own
                 for key in fields if fields[key] != base[section][key]}
     assert changed <= recipe_fields, (name, changed - recipe_fields)
   assert base["data"]["train_annotations"].endswith("instances_train2017.json")

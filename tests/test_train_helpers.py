@@ -84,7 +84,12 @@ def tiny_config(loss: str = "focal_smooth_l1", **updates):
   from jaxrank.train import presets
 
   config = presets.synthetic_config(loss, name="tiny")
-  config_lib.set_fields(config, TINY)
+  tiny = {k: v for k, v in TINY.items()
+          if not k.startswith("model.") or k.split(".", 1)[1] in config.model}
+  if "rpn_channels" in config.model:  # a two-stage detector
+    tiny.update({"model.rpn_channels": 16, "model.fc_channels": 32,
+                 "model.rpn_train_post_nms": 32, "model.rpn_test_post_nms": 32})
+  config_lib.set_fields(config, tiny)
   config_lib.set_fields(config, {k.replace("__", "."): v for k, v in updates.items()})
   return config
 

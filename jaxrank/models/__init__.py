@@ -14,7 +14,7 @@ the evaluation, the search and the benchmarks use only the functions below.
 (1, 100, 4)
 """
 
-from jaxrank.models import dense
+from jaxrank.models import dense, two_stage
 from jaxrank.models.family import (
   Detector,
   DetectorFamily,
@@ -26,6 +26,8 @@ from jaxrank.models.family import (
   init_loss_state,
   model_names,
   prepare_loss_config,
+  recipe_config,
+  recipe_names,
   register_family,
   unregister_family,
 )
@@ -34,6 +36,7 @@ from jaxrank.models.pretrained import load_torchvision_resnet
 from jaxrank.models.resnet import BACKBONES, ResNet, TinyBackbone, build_backbone
 
 register_family(dense.FAMILY)
+register_family(two_stage.FAMILY)
 
 __all__ = [
     "BACKBONES",
@@ -53,6 +56,9 @@ __all__ = [
     "load_torchvision_resnet",
     "model_names",
     "prepare_loss_config",
+    "recipe_config",
+    "recipe_names",
     "register_family",
+    "two_stage",
     "unregister_family",
 ]

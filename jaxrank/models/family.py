@@ -83,8 +83,10 @@ class DetectorFamily:
     prepare_loss_config: ``(loss_config, TrainingSetup) -> loss_config``, the fields the
       trainer fixes for a run (a copy; e.g. one ranking group per device).
     loss_names: the ``loss.name`` values it trains with.
-    published_model_config: ``(loss_name) -> ConfigDict``, the model config a loss was
-      published with (default: the first model name's defaults).
+    recipe_names: its published recipes (e.g. ``'rank_sort'``, ``'faster_rcnn_rank_sort'``):
+      names of a model and a loss as a paper trains them; unique across families.
+    recipe_config: ``(recipe_name) -> (model_config, loss_config)`` as published (model at
+      full size: callers shrink it for CPU runs).
   """
   name: str
   model_names: tuple[str, ...]
@@ -95,16 +97,12 @@ class DetectorFamily:
   init_loss_state: Callable[[ConfigDict, ConfigDict], Any] = no_loss_state
   prepare_loss_config: Callable[[ConfigDict, TrainingSetup], ConfigDict] = unchanged_loss_config
   loss_names: tuple[str, ...] = ()
-  published_model_config: Callable[[str], ConfigDict] | None = None
-
-  def model_config_for_loss(self, loss_name: str) -> ConfigDict:
-    """The model config ``loss_name`` was published with."""
-    if self.published_model_config is not None:
-      return self.published_model_config(loss_name)
-    return self.default_model_config(self.model_names[0])
+  recipe_names: tuple[str, ...] = ()
+  recipe_config: Callable[[str], tuple[ConfigDict, ConfigDict]] | None = None
 
 
 _FAMILIES: dict[str, DetectorFamily] = {}
+_RECIPES: dict[str, DetectorFamily] = {}
 
 
 def register_family(family: DetectorFamily, *, replace: bool = False) -> DetectorFamily:
@@ -114,8 +112,16 @@ def register_family(family: DetectorFamily, *, replace: bool = False) -> Detecto
     other = _FAMILIES.get(model_name)
     if other is not None and other.name != family.name and not replace:
       raise ValueError(f"model name {model_name!r} is already built by family {other.name!r}")
+  for recipe in family.recipe_names:
+    other = _RECIPES.get(recipe)
+    if other is not None and other.name != family.name and not replace:
+      raise ValueError(f"recipe {recipe!r} is already published by family {other.name!r}")
+  if family.recipe_names and family.recipe_config is None:
+    raise ValueError(f"family {family.name!r} names recipes but has no recipe_config")
   for model_name in family.model_names:
     _FAMILIES[model_name] = family
+  for recipe in family.recipe_names:
+    _RECIPES[recipe] = family
   return family
 
 
@@ -123,11 +129,25 @@ def unregister_family(name: str) -> None:
   """Removes the family called ``name`` (for tests)."""
   for model_name in [m for m, f in _FAMILIES.items() if f.name == name]:
     del _FAMILIES[model_name]
+  for recipe in [r for r, f in _RECIPES.items() if f.name == name]:
+    del _RECIPES[recipe]
 
 
 def model_names() -> tuple[str, ...]:
   """Every registered ``model.name``."""
   return tuple(_FAMILIES)
+
+
+def recipe_names() -> tuple[str, ...]:
+  """Every registered family's published recipes."""
+  return tuple(_RECIPES)
+
+
+def recipe_config(name: str) -> tuple[ConfigDict, ConfigDict]:
+  """``(model_config, loss_config)`` of the published recipe ``name``."""
+  if name not in _RECIPES:
+    raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(_RECIPES)}")
+  return _RECIPES[name].recipe_config(name)
 
 
 def family_of(model_config) -> DetectorFamily:

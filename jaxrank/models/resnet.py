@@ -83,15 +83,16 @@ class Bottleneck(nnx.Module):
 
 
 class ResNet(nnx.Module):
-  """ResNet-18/34/50/101 trunk without the classifier; returns ``(C3, C4, C5)``."""
+  """ResNet-18/34/50/101 trunk without the classifier; returns ``(C{min_level}, ..., C5)``."""
 
   def __init__(self, depth: str = "resnet50", *, norm: str = "frozen_bn", frozen_stages: int = 1,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               min_level: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
     if depth not in RESNET_SPECS:
       raise ValueError(f"backbone must be one of {tuple(RESNET_SPECS)}, got {depth!r}")
     block_type, blocks = RESNET_SPECS[depth]
     block = BasicBlock if block_type == "basic" else Bottleneck
     self.depth = depth
+    self.first_output = _first_output(min_level)
     self.norm_kind = norm
     self.frozen_stages = int(frozen_stages)
     stem_trainable = self.frozen_stages < 0
@@ -110,7 +111,7 @@ class ResNet(nnx.Module):
         in_features = features * block.expansion
       setattr(self, f"layer{stage}", nnx.List(layer))
       channels.append(in_features)
-    self.out_channels = tuple(channels[1:])
+    self.out_channels = tuple(channels[self.first_output:])
 
   def __call__(self, x):
     x = jax.nn.relu(self.bn1(self.conv1(x)))
@@ -120,7 +121,13 @@ class ResNet(nnx.Module):
       for block in layer:
         x = block(x)
       outs.append(x)
-    return tuple(outs[1:])
+    return tuple(outs[self.first_output:])
+
+
+def _first_output(min_level) -> int:
+  if min_level not in (2, 3):
+    raise ValueError(f"min_level must be 2 (C2-C5) or 3 (C3-C5), got {min_level!r}")
+  return min_level - 2
 
 
 class ConvNormReLU(nnx.Module):
@@ -143,8 +150,9 @@ class TinyBackbone(nnx.Module):
   """
 
   def __init__(self, *, width: int = 16, norm: str = "frozen_bn", frozen_stages: int = -1,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               min_level: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
     widths = (width, 2 * width, 4 * width, 8 * width, 16 * width)
+    self.first_output = _first_output(min_level)
     self.frozen_stages = int(frozen_stages)
     kw = dict(norm=norm, dtype=dtype, rngs=rngs)
     self.stem = ConvNormReLU(3, widths[0], 2, trainable=self.frozen_stages < 0, **kw)
@@ -156,7 +164,7 @@ class TinyBackbone(nnx.Module):
           ConvNormReLU(widths[stage], widths[stage], 1, trainable=trainable, **kw),
       ]))
     self.stages = nnx.List(stages)
-    self.out_channels = widths[2:]
+    self.out_channels = widths[1 + self.first_output:]
 
   def __call__(self, x):
     x = self.stem(x)
@@ -165,14 +173,16 @@ class TinyBackbone(nnx.Module):
       for layer in stage:
         x = layer(x)
       outs.append(x)
-    return tuple(outs[1:])
+    return tuple(outs[self.first_output:])
 
 
 def build_backbone(name: str, *, norm: str = "frozen_bn", frozen_stages: int = -1,
-                   dtype=jnp.float32, rngs: nnx.Rngs):
-  """A backbone by name (see :data:`BACKBONES`); ``.out_channels`` gives C3-C5 widths."""
+                   min_level: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
+  """A backbone by name (see :data:`BACKBONES`) returning ``C{min_level}-C5`` (``min_level``
+  2 or 3); ``.out_channels`` gives their widths."""
+  kw = dict(norm=norm, frozen_stages=frozen_stages, min_level=min_level, dtype=dtype, rngs=rngs)
   if name == "tiny":
-    return TinyBackbone(norm=norm, frozen_stages=frozen_stages, dtype=dtype, rngs=rngs)
+    return TinyBackbone(**kw)
   if name in RESNET_SPECS:
-    return ResNet(name, norm=norm, frozen_stages=frozen_stages, dtype=dtype, rngs=rngs)
+    return ResNet(name, **kw)
   raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")

@@ -59,7 +59,8 @@ FAMILY = DetectorFamily(
     init_loss_state=lambda model_config, loss_config: init_loss_state(loss_config),
     prepare_loss_config=prepare_loss_config,
     loss_names=LOSS_NAMES,
-    published_model_config=recipe_model_config,
+    recipe_names=LOSS_NAMES,
+    recipe_config=lambda name: (recipe_model_config(name), default_loss_config(name)),
 )
 
 __all__ = [
