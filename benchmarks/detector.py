@@ -11,6 +11,8 @@ random boxes per image.
   python benchmarks/detector.py --backbone resnet18 --image-size 256 --steps 3
   python benchmarks/detector.py --loss-only --detector atss   # the losses alone
   python benchmarks/detector.py --family-model faster_rcnn --detector faster_rcnn  # two-stage
+  python benchmarks/detector.py --family-model faster_rcnn --detector faster_rcnn \
+      --rpn-sampler all --rcnn-sampler all_with_gt    # the same anchors and RoIs for every loss
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def child(args) -> dict:
     model_config = models.default_model_config(args.detector)
   model_config.update(backbone=args.backbone, image_size=args.image_size,
                       num_classes=args.num_classes, dtype=args.dtype)
-  for field, value in (("alrp_period", 100), ("max_positives_per_image", args.max_positives)):
-    if field in loss_config:
+  for field, value in (("alrp_period", 100), ("max_positives_per_image", args.max_positives),
+                       ("rpn_sampler", args.rpn_sampler), ("rcnn_sampler", args.rcnn_sampler)):
+    if field in loss_config and value is not None:
       loss_config[field] = value
   detector = models.build_detector(model_config, loss_config, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(detector, nnx.Param, ...)
@@ -141,6 +144,11 @@ def main(argv=None):
   parser.add_argument("--max-positives", type=int, default=1000,
                       help="loss_config.max_positives_per_image")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--rpn-sampler", choices=("random", "all"), default=None,
+                      help="two-stage: one RPN sampler for every recipe (default: published)")
+  parser.add_argument("--rcnn-sampler", choices=("random", "all", "all_with_gt"), default=None,
+                      help="two-stage: one RoI sampler for every recipe, so that only the loss "
+                           "differs (default: each recipe's published sampler)")
   parser.add_argument("--loss-only", action="store_true",
                       help="time only value_and_grad of the loss w.r.t. random head outputs")
   parser.add_argument("--recipe", help=argparse.SUPPRESS)
@@ -171,7 +179,10 @@ def main(argv=None):
   what = "loss only (value_and_grad w.r.t. head outputs)" if args.loss_only else "train step"
   print(f"{what}: {args.backbone}-FPN, {args.image_size}x{args.image_size}, batch {args.batch}, "
         f"{args.boxes} boxes/image, {args.num_classes} classes, {args.dtype}, "
-        f"median of {args.steps} steps after {args.warmup} warm-up", flush=True)
+        f"median of {args.steps} steps after {args.warmup} warm-up"
+        + "".join(f", {k} {v}" for k, v in (("RPN sampler", args.rpn_sampler),
+                                             ("RoI sampler", args.rcnn_sampler)) if v),
+        flush=True)
   rows = []
   for name in recipes:
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough,

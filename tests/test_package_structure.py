@@ -99,6 +99,7 @@ def test_docstring_examples_outside_the_losses():
   import doctest
   import importlib
 
-  for name in ("jaxrank.validation", "jaxrank.models", "jaxrank.models.dense"):
+  for name in ("jaxrank.validation", "jaxrank.models", "jaxrank.models.dense",
+               "jaxrank.models.two_stage"):
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted and not result.failed, (name, result)
