@@ -103,3 +103,15 @@ def test_docstring_examples_outside_the_losses():
                "jaxrank.models.two_stage"):
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted and not result.failed, (name, result)
+
+
+def test_pyproject_ships_every_package():
+  """A non-editable install ships only the packages listed in pyproject.toml."""
+  import tomllib
+
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+  found = {os.path.relpath(root, REPO).replace(os.sep, ".")
+           for root, _, files in os.walk(os.path.join(REPO, "jaxrank"))
+           if "__init__.py" in files}
+  assert found <= listed, sorted(found - listed)

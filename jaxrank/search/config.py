@@ -1,11 +1,12 @@
 """Search configs: a trainer config (the proxy: model, loss, data, optimizer, train, eval)
 plus a ``search`` section. Config files for ``python -m jaxrank.search`` return one from
-``get_config()``; see ``configs/search_*.py``."""
+``get_config()``; see ``configs/search_*.py``. The proxy's model decides what is searched
+(:mod:`jaxrank.search.space`: 41 numbers for RetinaNet, 82 for Faster R-CNN)."""
 
 from __future__ import annotations
 
-from jaxrank import losses
 from jaxrank.search import policy
+from jaxrank.search import space as space_lib
 from jaxrank.train import config as config_lib
 from jaxrank.train import presets
 from jaxrank.train.config import ConfigDict
@@ -22,15 +23,17 @@ def search_section() -> ConfigDict:
   s.max_rounds = 0  # stop this invocation after this many more rounds (0: run until T).
   s.num_samples = policy.NUM_SAMPLES  # sampled losses (proxy trainings) per round.
   s.sigma0 = policy.SIGMA0
-  s.initial = "identity"  # start mean: a name in jaxrank.losses.PRESETS.
+  # Start mean: 'identity' (the published start) or the published searched functions,
+  # 'retinanet' / 'faster_rcnn' (by proxy, see jaxrank.search.space).
+  s.initial = "identity"
   s.clip_eps = policy.CLIP_EPS
   s.learning_rate = policy.LEARNING_RATE  # Adam on the policy mean, per round:
   s.ppo_steps = policy.NUM_STEPS  # steps per round,
   s.warmup_steps = policy.WARMUP_STEPS  # linear warmup, then linear decay.
   s.seed = 0  # sampling (round t uses fold_in(key(seed), t)).
   s.abort_after = 50  # a proxy with more non-finite or stuck (loss == 1) steps scores 0.
-  # Gradient scale of the box branch: 0 searches it (theta[40], 10^(2 theta - 1)); a
-  # positive value fixes it (the released search in effect kept reg_weight = 1).
+  # Gradient scale of the box branch of every head: 0 searches it (the last number per head,
+  # 10^(2 theta - 1)); a positive value fixes it (the released search in effect kept 1).
   s.fixed_grad_scale = 0.0
   # 'vmap': the round's proxies as one vmapped computation, sharded over the local devices;
   # 'sequential': one after another (the published way); 'auto': vmap on GPU/TPU,
@@ -70,7 +73,6 @@ def validate(config: ConfigDict) -> None:
   fixed = s.number("fixed_grad_scale", min=0.0, max=10.0)
   if 0 < fixed < 0.1:
     raise s.error("fixed_grad_scale", f"must be 0 (searched) or in [0.1, 10], got {fixed!r}")
-  s.choice("initial", [n for n in losses.PRESETS if not n.startswith("faster_rcnn")])
   s.choice("parallel", PARALLEL)
   s.choice("target", TARGETS)
   s.boolean("progress_bar")
@@ -79,6 +81,7 @@ def validate(config: ConfigDict) -> None:
   config_lib.validate(proxy)
   if proxy.loss.name != "pap":
     raise ConfigError(f"config key 'loss.name' must be 'pap' for a search, got {proxy.loss.name!r}")
+  s.choice("initial", space_lib.space_of(proxy).initial_names)
 
 
 def synthetic_search_config() -> ConfigDict:
@@ -103,5 +106,36 @@ def synthetic_search_config() -> ConfigDict:
   c.eval.batch_size = 64
   c.search = search_section()
   c.search.num_rounds = 6
+  c.search.target = "synthetic"
+  return c
+
+
+def faster_rcnn_synthetic_search_config() -> ConfigDict:
+  """The search of ``configs/search_synthetic_faster_rcnn.py`` (see there)."""
+  c = presets.synthetic_config("faster_rcnn_pap", name="search_synthetic_faster_rcnn")
+  c.model.fpn_channels = 32
+  c.model.rpn_channels = 32
+  c.model.fc_channels = 128
+  c.model.rpn_train_pre_nms = 500
+  c.model.rpn_train_post_nms = 64
+  c.model.rpn_test_pre_nms = 300
+  c.model.rpn_test_post_nms = 64
+  c.loss.pap_rpn_preset = "identity"
+  c.loss.pap_rcnn_preset = "identity"
+  c.loss.pap_top_k = 1000
+  c.data.image_size = 64
+  c.data.num_train = 512
+  c.data.num_val = 128
+  c.data.max_objects = 4
+  c.data.min_object_size = 8
+  c.data.max_boxes = 8
+  c.optimizer.warmup_steps = 30
+  c.optimizer.schedule = "constant"  # the published proxy has no decay
+  c.train.num_steps = 100
+  c.train.checkpoint_every = 0
+  c.train.plots = False
+  c.eval.batch_size = 64
+  c.search = search_section()
+  c.search.num_rounds = 3
   c.search.target = "synthetic"
   return c

@@ -1,5 +1,6 @@
 """``search.png``: rewards per round, the policy mean of every searched number per round, and
-the five PAP functions of the current mean against the identity start."""
+the five PAP functions of the current mean against the identity start (one panel per head:
+RetinaNet's, or Faster R-CNN's RPN and R-CNN side by side)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,13 @@ from typing import Any
 import numpy as np
 
 from jaxrank.losses import parameterized
+from jaxrank.search import space as space_lib
 from jaxrank.train.plots import pyplot, save_figure
 
 _COLORS = {"h1": "tab:blue", "h2": "tab:orange", "i1": "tab:green", "i2": "tab:red",
            "i3": "tab:purple"}
-
-
-def _knots(theta: np.ndarray) -> dict[str, np.ndarray]:
-  params = parameterized.params_from_theta(np.asarray(theta, np.float32))
-  return {name: np.asarray(getattr(params, name)) for name in parameterized.FUNCTION_ORDER}
+_HEAD_STYLES = ("-", "--")
+_HEAD_TITLES = {"retinanet": "", "rpn": "RPN ", "rcnn": "R-CNN "}
 
 
 def plot_search(history: Sequence[Mapping[str, Any]], path: str) -> str | None:
@@ -25,7 +24,10 @@ def plot_search(history: Sequence[Mapping[str, Any]], path: str) -> str | None:
     return None
   plt = pyplot()
   rounds = np.array([h["round"] for h in history])
-  fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+  means = np.array([h["mean_theta"] for h in history])
+  space = space_lib.space_for_size(means.shape[-1])
+  heads = len(space.heads)
+  fig, axes = plt.subplots(1, 2 + heads, figsize=(17 + 5.5 * (heads - 1), 4.5))
 
   ax = axes[0]
   for h in history:
@@ -40,13 +42,14 @@ def plot_search(history: Sequence[Mapping[str, Any]], path: str) -> str | None:
   ax.legend(fontsize=8)
 
   ax = axes[1]
-  means = np.array([h["mean_theta"] for h in history])
-  n = parameterized.NUM_THETA
-  for m, name in enumerate(parameterized.FUNCTION_ORDER):
-    for j in range(n):
-      ax.plot(rounds, means[:, n * m + j], color=_COLORS[name], lw=1, alpha=0.8,
-              label=f"f_{name.upper()}" if j == 0 else None)
-  ax.plot(rounds, means[:, -1], color="k", lw=2, label="grad scale")
+  for h, head in enumerate(space.heads):
+    style, title = _HEAD_STYLES[h], _HEAD_TITLES[head]
+    for name in parameterized.FUNCTION_ORDER:
+      for j, column in enumerate(means[:, space.function_slice(h, name)].T):
+        ax.plot(rounds, column, color=_COLORS[name], ls=style, lw=1, alpha=0.8,
+                label=f"{title}f_{name.upper()}" if j == 0 else None)
+    ax.plot(rounds, means[:, space.grad_scale_indices[h]], color="k", ls=style, lw=2,
+            label=f"{title}grad scale")
   ax.plot(rounds, [h["sigma"] for h in history], color="k", ls=":", label="sigma")
   ax.set_ylim(0, 1)
   ax.set_xlabel("round")
@@ -55,18 +58,17 @@ def plot_search(history: Sequence[Mapping[str, Any]], path: str) -> str | None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, ncol=2)
 
-  ax = axes[2]
   x = np.linspace(0, 1, 201, dtype=np.float32)
-  knots = _knots(means[-1])
-  for name in parameterized.FUNCTION_ORDER:
-    y = np.asarray(parameterized.piecewise_linear(x, knots[name]))
-    ax.plot(x, y, color=_COLORS[name], label=f"f_{name.upper()}")
-  ax.plot(x, x, color="0.5", ls="--", lw=1, label="identity")
-  scale = float(parameterized.reg_weight_from_theta(means[-1][-1]))
-  ax.set_title(f"functions after round {int(rounds[-1])} (grad scale {scale:.3g})")
-  ax.set_xlabel("x")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  for ax, head, params in zip(axes[2:], space.heads, space.head_params(means[-1])):
+    for name in parameterized.FUNCTION_ORDER:
+      y = np.asarray(parameterized.piecewise_linear(x, getattr(params, name)))
+      ax.plot(x, y, color=_COLORS[name], label=f"f_{name.upper()}")
+    ax.plot(x, x, color="0.5", ls="--", lw=1, label="identity")
+    ax.set_title(f"{_HEAD_TITLES[head]}functions after round {int(rounds[-1])} "
+                 f"(grad scale {float(params.grad_scale):.3g})")
+    ax.set_xlabel("x")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
   fig.tight_layout()
   path = save_figure(fig, path)
   plt.close(fig)

@@ -3,7 +3,7 @@
 The published search trains one detector per sampled loss, one after another. Here the
 ``K`` detectors of a round are one computation: the training step of
 :func:`jaxrank.train.steps.train_step_fn` is ``jax.vmap``-ed over the training state
-(parameters, optimiser state and the PAP functions, which live in the loss state), with the
+(parameters, optimiser state and the loss state, which holds the PAP functions), with the
 batch shared, and the ``K`` axis is sharded over the devices (``Mesh`` axis ``'proxies'``).
 Every proxy starts from the same initial weights and sees the same batches, so the rewards
 differ only through the loss.
@@ -28,7 +28,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrank import losses
 from jaxrank.train import config as config_lib
 from jaxrank.train import evaluation, input_pipeline, optim, trainer
 from jaxrank.train import logging as log_lib
@@ -39,6 +38,12 @@ log = logging.getLogger("jaxrank.search")
 PROXY_AXIS = "proxies"
 #: A step whose loss is within this of 1.0 counts as stuck (published ``abs(loss - 1) < 1e-6``).
 STUCK_TOLERANCE = 1e-6
+
+
+def _as_state_dtype(x):
+  """Floating leaves as float32 (the PAP functions), integer ones (counters) kept."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.inexact) else x
 
 
 class Interrupted(RuntimeError):
@@ -144,16 +149,22 @@ class ProxyTrainer:
 
   # -- running -----------------------------------------------------------------------------
 
-  def run(self, loss_params: losses.PAPParams, *, sequential: bool = False, progress: bool = True,
+  def run(self, loss_params, *, sequential: bool = False, progress: bool = True,
           should_stop: Callable[[], bool] | None = None, desc: str = "proxies") -> ProxyResult:
-    """Trains one proxy per entry of ``loss_params`` (a :class:`PAPParams` with a leading
-    ``K`` axis, e.g. ``params_from_theta(thetas)``) and scores it on the held-out split.
+    """Trains one proxy per entry of ``loss_params``, the detector's loss state with a
+    leading ``K`` axis (:meth:`jaxrank.search.space.SearchSpace.loss_state`: a
+    :class:`PAPParams` for RetinaNet, a ``two_stage.PAPState`` for Faster R-CNN), and scores
+    it on the held-out split.
 
     ``sequential=True`` trains them one after another with the same code (the published
     way; for comparisons). Raises :class:`Interrupted` when ``should_stop()`` becomes true.
     """
-    loss_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), loss_params)
-    k = int(jnp.shape(loss_params.h1)[0])
+    loss_params = jax.tree.map(_as_state_dtype, loss_params)
+    sizes = {int(jnp.shape(x)[0]) if jnp.ndim(x) else -1 for x in jax.tree.leaves(loss_params)}
+    if len(sizes) != 1 or -1 in sizes:
+      raise ValueError("loss_params must be a loss state whose every leaf has the leading "
+                       "proxy axis K")
+    k = sizes.pop()
     if sequential and k > 1:
       parts = [self.run(jax.tree.map(lambda x, i=i: x[i:i + 1], loss_params), progress=progress,
                         should_stop=should_stop, desc=f"{desc} {i + 1}/{k}") for i in range(k)]

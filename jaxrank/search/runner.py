@@ -5,6 +5,8 @@ train and score the ``K`` proxies (:class:`jaxrank.search.proxy.ProxyTrainer`), 
 policy (:func:`jaxrank.search.policy.update_policy`), then save the search state and the
 history (Orbax, one checkpoint per round), ``history.json``, ``search.png`` and
 ``searched_config.py`` (a trainer config file with the policy mean as ``loss.pap_theta``).
+The proxy's model decides what is searched (:mod:`jaxrank.search.space`): 41 numbers of one
+RetinaNet head or 82 of Faster R-CNN's RPN and R-CNN heads.
 A search started again in the same work directory resumes after the last saved round and
 gives the same result as an uninterrupted one.
 """
@@ -26,6 +28,7 @@ from jaxrank import losses
 from jaxrank.search import config as search_config
 from jaxrank.search import plots as search_plots
 from jaxrank.search import policy
+from jaxrank.search import space as space_lib
 from jaxrank.train import checkpoints as ckpt_lib
 from jaxrank.train import config as config_lib
 from jaxrank.train import logging as log_lib
@@ -49,30 +52,38 @@ class SearchResult:
   history: list[dict[str, Any]]
   theta: np.ndarray          # policy mean after the last round: the searched parameters
   config_path: str
+  space: space_lib.SearchSpace = space_lib.RETINANET
 
 
-def with_fixed_grad_scale(theta, search):
-  """``theta`` (``[..., 41]``) with its gradient-scale number set to
-  ``search.fixed_grad_scale`` when that is fixed (non-zero)."""
+def _space(theta, space):
+  return space_lib.space_for_size(np.shape(theta)[-1]) if space is None else space
+
+
+def with_fixed_grad_scale(theta, search, space: space_lib.SearchSpace | None = None):
+  """``theta`` (``[..., 41]`` or ``[..., 82]``) with its gradient-scale numbers (one per head)
+  set to ``search.fixed_grad_scale`` when that is fixed (non-zero). ``space`` defaults to the
+  one of ``theta``'s length."""
   if not search.fixed_grad_scale:
     return theta
+  index = np.asarray(_space(theta, space).grad_scale_indices)
   value = losses.theta_from_reg_weight(float(search.fixed_grad_scale))
-  return jnp.asarray(theta).at[..., -1].set(value)
+  return jnp.asarray(theta).at[..., index].set(value)
 
 
-def initial_theta(search) -> np.ndarray:
-  """The start mean ``[41]`` from ``search.initial`` (and ``search.fixed_grad_scale``)."""
-  theta = losses.theta_from_params(losses.PRESETS[search.initial])
-  return np.array(with_fixed_grad_scale(theta, search), np.float32)
+def initial_theta(search, space: space_lib.SearchSpace = space_lib.RETINANET) -> np.ndarray:
+  """The start mean ``[space.num_params]`` from ``search.initial`` (and
+  ``search.fixed_grad_scale``)."""
+  theta = space.initial_theta(search.initial)
+  return np.array(with_fixed_grad_scale(theta, search, space), np.float32)
 
 
-def loss_params(thetas, search) -> losses.PAPParams:
-  """:class:`PAPParams` ``[K]`` of the sampled ``thetas`` ``[K, 41]``."""
-  params = losses.params_from_theta(jnp.asarray(thetas, jnp.float32))
-  if search.fixed_grad_scale:
-    params = params._replace(grad_scale=jnp.full(params.grad_scale.shape,
-                                                 float(search.fixed_grad_scale), jnp.float32))
-  return params
+def loss_params(thetas, search, space: space_lib.SearchSpace | None = None):
+  """The proxies' loss state ``[K]`` of the sampled ``thetas`` ``[K, D]``: a
+  :class:`PAPParams` (RetinaNet, ``D = 41``) or a ``two_stage.PAPState`` (Faster R-CNN,
+  ``D = 82``; see :meth:`jaxrank.search.space.SearchSpace.loss_state`). ``space`` defaults
+  to the one of ``D``."""
+  return _space(thetas, space).loss_state(
+      thetas, fixed_grad_scale=float(search.fixed_grad_scale))
 
 
 def use_sequential(search) -> bool:
@@ -82,19 +93,24 @@ def use_sequential(search) -> bool:
 
 
 def write_result_config(path: str, theta, *, target: str, round_: int, num_rounds: int,
-                        best_theta=None, best_reward: float | None = None, source: str = "") -> str:
+                        best_theta=None, best_reward: float | None = None, source: str = "",
+                        space: space_lib.SearchSpace | None = None) -> str:
   """A trainer config file (``get_config()``; ``get_config('best')`` for the best sample) with
-  the searched parameters as ``loss.pap_theta``."""
+  the searched parameters as ``loss.pap_theta`` of the space's recipe (``space`` defaults to
+  the one of ``theta``'s length)."""
+  space = _space(theta, space)
+  space.check_theta(theta)
   fmt = lambda t: "(" + ", ".join(f"{float(v):.6f}" for v in np.asarray(t).reshape(-1)) + ")"
-  base = ('presets.synthetic_config("pap", name="{name}")' if target == "synthetic"
-          else 'presets.coco_config("retinanet_pap")')
+  base = space.config_expression(target)
+  layout = ("jaxrank.losses.params_from_theta" if len(space.heads) == 1
+            else "jaxrank.losses.faster_rcnn_params_from_theta")
   best = fmt(best_theta) if best_theta is not None else "None"
   reward = best_reward if best_reward is not None else float("nan")
   text = f'''"""Parameterized AP Loss functions found by ``python -m jaxrank.search`` ({source}).
 
 Policy mean after round {round_} of {num_rounds}; ``{os.path.basename(path)}:best`` selects
-the best sampled vector (reward {reward:.4f}). Layout of the 41 numbers:
-jaxrank.losses.params_from_theta.
+the best sampled vector (reward {reward:.4f}). Layout of the {space.num_params} numbers:
+{layout}.
 
   python -m jaxrank.train --config {path}
 """
@@ -151,6 +167,7 @@ def search(config, workdir: str, *, proxy: Proxy | None = None, progress: bool |
   """
   search_config.validate(config)
   s = config.search
+  space = space_lib.space_of(search_config.trainer_config(config))
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   progress = bool(s.progress_bar) if progress is None else progress
@@ -161,11 +178,17 @@ def search(config, workdir: str, *, proxy: Proxy | None = None, progress: bool |
 
     proxy = ProxyTrainer(search_config.trainer_config(config), abort_after=int(s.abort_after))
 
-  fresh = policy.init_search_state(initial_theta(s), sigma0=float(s.sigma0),
+  fresh = policy.init_search_state(initial_theta(s, space), sigma0=float(s.sigma0),
                                    num_rounds=int(s.num_rounds))
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
                                        keep=int(s.keep_checkpoints), async_save=False)
-  restored = checkpointer.restore_latest(jax.tree.map(np.asarray, fresh))
+  try:
+    restored = checkpointer.restore_latest(jax.tree.map(np.asarray, fresh))
+  except ckpt_lib.IncompatibleCheckpointError as e:
+    checkpointer.close()
+    raise config_lib.ConfigError(
+        f"{workdir} holds another kind of search (this one has {space.num_params} numbers per "
+        f"vector: a {space.name} proxy). Use another --workdir. ({e})") from e
   if restored is None:
     state, history = fresh, []
   else:
@@ -183,9 +206,9 @@ def search(config, workdir: str, *, proxy: Proxy | None = None, progress: bool |
   sequential = use_sequential(s)
   key = jax.random.key(int(s.seed))
   config_path = os.path.join(workdir, RESULT_CONFIG)
-  log.info("search: rounds %d..%d of %d, %d samples per round, proxies %s, workdir %s",
-           int(state.round) + 1, stop, total, s.num_samples,
-           "one after another" if sequential else "vmapped", workdir)
+  log.info("search: %s proxy, %d numbers, rounds %d..%d of %d, %d samples per round, proxies "
+           "%s, workdir %s", space.name, space.num_params, int(state.round) + 1, stop, total,
+           s.num_samples, "one after another" if sequential else "vmapped", workdir)
   should_stop = (lambda: terminate.requested) if terminate is not None else None
   try:
     while int(state.round) < stop:
@@ -193,8 +216,8 @@ def search(config, workdir: str, *, proxy: Proxy | None = None, progress: bool |
       t0 = time.time()
       thetas = with_fixed_grad_scale(
           policy.sample(jax.random.fold_in(key, t), state.mu_logit, state.sigma,
-                        int(s.num_samples)), s)
-      result = proxy.run(loss_params(thetas, s), sequential=sequential, progress=progress,
+                        int(s.num_samples)), s, space)
+      result = proxy.run(loss_params(thetas, s, space), sequential=sequential, progress=progress,
                          should_stop=should_stop, desc=f"round {t + 1}/{total}")
       rewards = jnp.nan_to_num(jnp.asarray(result.rewards, jnp.float32), nan=0.0)
       state = policy.update_policy(state, thetas, rewards, clip_eps=float(s.clip_eps),
@@ -202,7 +225,7 @@ def search(config, workdir: str, *, proxy: Proxy | None = None, progress: bool |
                                    warmup_steps=int(s.warmup_steps))
       history.append(_record(t + 1, thetas, result, state, time.time() - t0))
       checkpointer.save(t + 1, jax.tree.map(np.asarray, state), {"history": history})
-      _write_outputs(workdir, config_path, state, history, s, plots=bool(s.plots))
+      _write_outputs(workdir, config_path, state, history, s, space, plots=bool(s.plots))
       h = history[-1]
       log.info("round %d/%d: reward mean %.4f max %.4f (best so far %.4f), %d failed, "
                "sigma %.3f, %.0fs (train %.0fs, eval %.0fs)", t + 1, total, h["mean_reward"],
@@ -211,9 +234,10 @@ def search(config, workdir: str, *, proxy: Proxy | None = None, progress: bool |
   finally:
     checkpointer.close()
   if history and not os.path.exists(config_path):
-    _write_outputs(workdir, config_path, state, history, s, plots=bool(s.plots))
+    _write_outputs(workdir, config_path, state, history, s, space, plots=bool(s.plots))
   return SearchResult(workdir=workdir, state=state, history=history,
-                      theta=np.asarray(policy.policy_mean(state)), config_path=config_path)
+                      theta=np.asarray(policy.policy_mean(state)), config_path=config_path,
+                      space=space)
 
 
 #: Fields that may change between invocations of one search without changing its meaning.
@@ -247,11 +271,12 @@ def _warn_if_config_changed(path: str, config: dict[str, Any]) -> None:
                                                for k in changed[:10]))
 
 
-def _write_outputs(workdir, config_path, state, history, s, *, plots: bool) -> None:
+def _write_outputs(workdir, config_path, state, history, s, space, *, plots: bool) -> None:
   log_lib.write_json(os.path.join(workdir, "history.json"), history)
-  theta = np.asarray(with_fixed_grad_scale(policy.policy_mean(state), s))
+  theta = np.asarray(with_fixed_grad_scale(policy.policy_mean(state), s, space))
   write_result_config(config_path, theta, target=s.target, round_=int(state.round),
                       num_rounds=int(s.num_rounds), best_theta=np.asarray(state.best_theta),
-                      best_reward=float(state.best_reward), source=os.path.basename(workdir))
+                      best_reward=float(state.best_reward), source=os.path.basename(workdir),
+                      space=space)
   if plots:
     search_plots.plot_search(history, os.path.join(workdir, "search.png"))

@@ -238,8 +238,9 @@ def default_loss_config(name: str = "rank_sort") -> ml_collections.ConfigDict:
   ``ranking_groups`` (1 = one ranking over the batch; G = G groups ranked separately, as G
   devices); ``alrp_period`` (self-balance period in steps, 0 = one epoch, set by the
   trainer) and ``alrp_initial_weight``; ``pap_rpn_preset`` / ``pap_rcnn_preset`` (names in
-  :data:`jaxrank.losses.PRESETS`) or ``pap_theta`` (82 numbers in [0, 1]: the RPN's 41 then
-  the R-CNN's, see :func:`jaxrank.losses.faster_rcnn_params_from_theta`); ``pap_top_k``
+  :data:`jaxrank.losses.PRESETS`) or ``pap_theta`` (82 numbers in [0, 1] as the published
+  search: the RPN's 5 functions x 8, the R-CNN's 5 x 8, then the RPN and the R-CNN gradient
+  scales, see :func:`jaxrank.losses.faster_rcnn_params_from_theta`); ``pap_top_k``
   (rows of each PAP loss, the published 1e5).
   """
   if name not in RECIPES:
