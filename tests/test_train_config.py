@@ -46,7 +46,7 @@ def test_every_config_file_loads_and_validates(path):
 def test_parametrised_config_file():
   c = config_lib.load_config_file(os.path.join(REPO, "configs", "synthetic.py") + ":alrp")
   assert c.loss.name == "alrp" and c.model.name == "retinanet"
-  with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+  with pytest.raises(ValueError, match="recipe must be one of .*; got 'nope'"):
     config_lib.load_config_file(os.path.join(REPO, "configs", "synthetic.py") + ":nope")
   c = config_lib.load_config_file(os.path.join(REPO, "configs", "synthetic.py")
                                   + ":cascade_rcnn_rank_sort")

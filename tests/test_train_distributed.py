@@ -79,7 +79,10 @@ def test_8_devices_step_equals_1_device_step():
   assert "groups 1 1" in out
 
 
-@pytest.mark.parametrize("recipe", ["faster_rcnn_rank_sort", "faster_rcnn_ce_giou"])
+@pytest.mark.parametrize("recipe", [
+    "faster_rcnn_rank_sort",
+    pytest.param("faster_rcnn_ce_giou", marks=pytest.mark.slow),  # the random samplers
+])
 def test_8_devices_two_stage_step_equals_1_device_step(recipe):
   out = _run_step_script(recipe, "global")
   assert "groups 1 1" in out

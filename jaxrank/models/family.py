@@ -146,7 +146,7 @@ def recipe_names() -> tuple[str, ...]:
 def recipe_config(name: str) -> tuple[ConfigDict, ConfigDict]:
   """``(model_config, loss_config)`` of the published recipe ``name``."""
   if name not in _RECIPES:
-    raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(_RECIPES)}")
+    raise ConfigError(f"recipe must be one of {', '.join(_RECIPES)}; got {name!r}")
   return _RECIPES[name].recipe_config(name)
 
 
