@@ -39,19 +39,28 @@ def make_batch(num_boxes=(3, 2), seed=0):
           "box_mask": jnp.asarray(mask), "valid": jnp.ones((batch_size,), bool)}
 
 
+_COMPILED = {}
+
+
 def loss_and_grads(model_config, loss_config, batch, loss_state=None):
-  detector = models.build_detector(model_config, loss_config, rngs=nnx.Rngs(0))
+  """``(loss, metrics, new_state, grads)``; the jitted function of a config pair is reused."""
+  key = (model_config.to_json(), loss_config.to_json())
+  if key not in _COMPILED:
+    detector = models.build_detector(model_config, loss_config, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(detector, nnx.Param, ...)
+
+    @jax.jit
+    def f(params, batch, loss_state):
+      def loss_fn(p):
+        loss, metrics, new_state = nnx.merge(graphdef, p, rest).loss(batch, loss_state)
+        return loss, (metrics, new_state)
+      return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    _COMPILED.clear()  # keep one detector's programs alive at a time
+    _COMPILED[key] = (f, params)
+  f, params = _COMPILED[key]
   if loss_state is None:
     loss_state = models.init_loss_state(model_config, loss_config)
-  graphdef, params, rest = nnx.split(detector, nnx.Param, ...)
-
-  @jax.jit
-  def f(params, batch, loss_state):
-    def loss_fn(p):
-      loss, metrics, new_state = nnx.merge(graphdef, p, rest).loss(batch, loss_state)
-      return loss, (metrics, new_state)
-    return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
   (loss, (metrics, new_state)), grads = f(params, batch, loss_state)
   return float(loss), jax.device_get(metrics), new_state, grads
 
