@@ -265,6 +265,7 @@ def test_roi_features_come_from_the_level_of_each_box():
   np.testing.assert_allclose(pooled[0, 1], large[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_is_float32_for_bfloat16_models():
   model_config, loss_config = tiny("faster_rcnn_bucketed_rank_sort", dtype="bfloat16")
   loss, metrics, _, grads = loss_and_grads(model_config, loss_config, make_batch())
