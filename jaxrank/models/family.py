@@ -66,6 +66,19 @@ def unchanged_loss_config(loss_config, setup: TrainingSetup):
   return loss_config
 
 
+def ranking_loss_config(loss_config, setup: TrainingSetup):
+  """A copy with ``ranking_groups`` = one group per device for per-device ranking and an
+  ``alrp_period`` of 0 set to one epoch: the ``prepare_loss_config`` of families whose loss
+  configs have both fields (dense, two-stage)."""
+  loss_config = loss_config.copy_and_resolve_references()
+  with loss_config.unlocked():
+    if setup.per_device_ranking:
+      loss_config.ranking_groups = int(setup.num_devices)
+    if int(loss_config.alrp_period) == 0:
+      loss_config.alrp_period = int(setup.steps_per_epoch)
+  return loss_config
+
+
 @dataclasses.dataclass(frozen=True)
 class DetectorFamily:
   """A detector family, as the trainer sees it.

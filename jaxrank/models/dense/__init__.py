@@ -28,25 +28,13 @@ from jaxrank.models.dense.config import (
 )
 from jaxrank.models.dense.detector import DenseDetector, DetectorOutputs, build_detector
 from jaxrank.models.dense.recipes import detection_loss
-from jaxrank.models.family import DetectorFamily, TrainingSetup
+from jaxrank.models.family import DetectorFamily, ranking_loss_config
 
 
 def check_config(model_config, loss_config) -> None:
   """Checks the ``model`` and ``loss`` sections."""
   check_model_config(model_config)
   check_loss_config(loss_config)
-
-
-def prepare_loss_config(loss_config, setup: TrainingSetup):
-  """One ranking group per device for per-device ranking; aLRP's self-balance period of 0
-  becomes one epoch."""
-  loss_config = loss_config.copy_and_resolve_references()
-  with loss_config.unlocked():
-    if setup.per_device_ranking:
-      loss_config.ranking_groups = int(setup.num_devices)
-    if int(loss_config.alrp_period) == 0:
-      loss_config.alrp_period = int(setup.steps_per_epoch)
-  return loss_config
 
 
 FAMILY = DetectorFamily(
@@ -57,7 +45,7 @@ FAMILY = DetectorFamily(
     check_config=check_config,
     build=build_detector,
     init_loss_state=lambda model_config, loss_config: init_loss_state(loss_config),
-    prepare_loss_config=prepare_loss_config,
+    prepare_loss_config=ranking_loss_config,
     loss_names=LOSS_NAMES,
     recipe_names=LOSS_NAMES,
     recipe_config=lambda name: (recipe_model_config(name), default_loss_config(name)),
@@ -80,6 +68,5 @@ __all__ = [
     "default_model_config",
     "detection_loss",
     "init_loss_state",
-    "prepare_loss_config",
     "recipe_model_config",
 ]

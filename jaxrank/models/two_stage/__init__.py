@@ -17,7 +17,7 @@ bucketed RS, aLRP and Parameterized AP Loss.
 (1, 10, 4)
 """
 
-from jaxrank.models.family import DetectorFamily, TrainingSetup
+from jaxrank.models.family import DetectorFamily, ranking_loss_config
 from jaxrank.models.two_stage.config import (
   DETECTORS,
   LOSS_NAMES,
@@ -56,18 +56,6 @@ def check_config(model_config, loss_config) -> None:
   check_loss_config(loss_config)
 
 
-def prepare_loss_config(loss_config, setup: TrainingSetup):
-  """One ranking group per device for per-device ranking; aLRP's self-balance period of 0
-  becomes one epoch."""
-  loss_config = loss_config.copy_and_resolve_references()
-  with loss_config.unlocked():
-    if setup.per_device_ranking:
-      loss_config.ranking_groups = int(setup.num_devices)
-    if int(loss_config.alrp_period) == 0:
-      loss_config.alrp_period = int(setup.steps_per_epoch)
-  return loss_config
-
-
 FAMILY = DetectorFamily(
     name="two_stage",
     model_names=DETECTORS,
@@ -76,7 +64,7 @@ FAMILY = DetectorFamily(
     check_config=check_config,
     build=build_detector,
     init_loss_state=lambda model_config, loss_config: init_loss_state(loss_config),
-    prepare_loss_config=prepare_loss_config,
+    prepare_loss_config=ranking_loss_config,
     loss_names=LOSS_NAMES,
     recipe_names=RECIPE_NAMES,
     recipe_config=recipe_config,
@@ -102,7 +90,6 @@ __all__ = [
     "default_loss_config",
     "default_model_config",
     "init_loss_state",
-    "prepare_loss_config",
     "recipe_config",
     "recipe_model_config",
 ]
