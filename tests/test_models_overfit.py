@@ -41,7 +41,12 @@ def overfit(name, *, steps=STEPS, lr=1e-3, num_images=2, seed=0):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss_state, loss
 
-  opt_state, loss_state = tx.init(params), dense.init_loss_state(loss_config)
+  return train_and_score(step, tx.init(params), dense.init_loss_state(loss_config), steps,
+                         graphdef, params, rest, dataset, batch)
+
+
+def train_and_score(step, opt_state, loss_state, steps, graphdef, params, rest, dataset, batch):
+  """Runs ``steps`` of ``step`` on the batch; returns (losses, COCO metrics of the batch)."""
   losses = []
   for _ in range(steps):
     params, opt_state, loss_state, loss = step(params, opt_state, loss_state)
@@ -50,7 +55,7 @@ def overfit(name, *, steps=STEPS, lr=1e-3, num_images=2, seed=0):
   # Ranking losses order scores without calibrating them in a few hundred steps: keep every
   # scored box (COCO AP depends only on the order).
   detect = nnx.jit(lambda m, x: m.detect(x, score_threshold=0.0))
-  dets = detect(nnx.merge(graphdef, params, rest), arrays["image"])
+  dets = detect(nnx.merge(graphdef, params, rest), jnp.asarray(batch["image"]))
   results = detections_to_coco_results(batch["image_id"], dets.boxes, dets.scores,
                                        np.where(dets.valid, dets.classes, -1), batch["valid"],
                                        batch["scale"], dataset.label_to_category_id)
@@ -97,19 +102,9 @@ def overfit_two_stage(recipe, *, steps=300, lr=1e-3, seed=0):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss_state, loss
 
-  opt_state = tx.init(params)
-  loss_state = models.init_loss_state(model_config, loss_config)
-  losses = []
-  for _ in range(steps):
-    params, opt_state, loss_state, loss = step(params, opt_state, loss_state)
-    losses.append(loss)
-  losses = np.asarray(jax.device_get(losses))
-  detect = nnx.jit(lambda m, x: m.detect(x, score_threshold=0.0))
-  dets = detect(nnx.merge(graphdef, params, rest), arrays["image"])
-  results = detections_to_coco_results(batch["image_id"], dets.boxes, dets.scores,
-                                       np.where(dets.valid, dets.classes, -1), batch["valid"],
-                                       batch["scale"], dataset.label_to_category_id)
-  return losses, evaluate_coco(dataset.coco, results)
+  return train_and_score(step, tx.init(params),
+                         models.init_loss_state(model_config, loss_config), steps, graphdef,
+                         params, rest, dataset, batch)
 
 
 @pytest.mark.parametrize("recipe", [
