@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -103,6 +104,9 @@ def base_config() -> ConfigDict:
   c.optimizer.decay_factor = 0.1
   c.optimizer.min_lr_ratio = 0.0  # cosine: final lr / lr.
   c.optimizer.grad_clip_norm = 0.0  # clip_by_global_norm (0: off).
+  # (pattern, multiplier) pairs: parameters whose path contains the pattern train at
+  # multiplier * lr (first match wins), e.g. (("backbone", 0.1),).
+  c.optimizer.lr_multipliers = ()
 
   c.train = ConfigDict()
   c.train.batch_size = 16  # global batch, over all hosts and devices.
@@ -358,6 +362,17 @@ def _check_optimizer(opt: Section) -> None:
   opt.number("decay_factor", above=0.0, max=1.0)
   opt.number("min_lr_ratio", min=0.0, max=1.0)
   opt.number("grad_clip_norm", min=0.0)
+  pairs = opt.config["lr_multipliers"]
+  if isinstance(pairs, (str, bytes)) or not isinstance(pairs, (tuple, list)):
+    raise opt.error("lr_multipliers", f"must be a tuple of (pattern, multiplier) pairs, got "
+                                      f"{pairs!r}")
+  for pair in pairs:
+    ok = (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
+          and pair[0] and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)
+          and math.isfinite(pair[1]) and pair[1] >= 0)
+    if not ok:
+      raise opt.error("lr_multipliers", f"must hold (non-empty pattern, finite multiplier "
+                                        f">= 0) pairs, got {pair!r}")
 
 
 def _check_train(train: Section) -> None:
