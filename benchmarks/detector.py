@@ -1,6 +1,6 @@
 """Train-step time and peak memory of every published recipe of a detector family on a
 ResNet-FPN detector, as ratios to the family's baseline (focal + smooth L1 for RetinaNet /
-ATSS, cross-entropy + L1 for Faster / Cascade R-CNN).
+ATSS, cross-entropy + L1 for Faster / Cascade R-CNN, the focal set loss for Deformable DETR).
 
 Each recipe runs in its own subprocess (so peak memory is its own): a jitted step of the
 trainer's step (``detector.loss`` through :mod:`jaxrank.train.steps`) with SGD momentum,
@@ -13,6 +13,7 @@ random boxes per image.
   python benchmarks/detector.py --family-model faster_rcnn --detector faster_rcnn  # two-stage
   python benchmarks/detector.py --family-model faster_rcnn --detector faster_rcnn \
       --rpn-sampler all --rcnn-sampler all_with_gt    # the same anchors and RoIs for every loss
+  python benchmarks/detector.py --family-model deformable_detr --steps 3   # query-based
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 import time
 
 #: The baseline every family's ratios are taken to.
-REFERENCES = ("focal_smooth_l1", "faster_rcnn_ce_smooth_l1")
+REFERENCES = ("focal_smooth_l1", "faster_rcnn_ce_smooth_l1", "detr_focal")
 
 
 def child(args) -> dict:
@@ -195,7 +196,7 @@ def main(argv=None):
     print(f"  {name}: {r['step_ms']:.0f} ms/step (compile {r['compile_s']:.0f} s)", flush=True)
 
   reference = next((r for r in rows if r["recipe"] == reference_name), None)
-  short = "x focal" if reference_name == "focal_smooth_l1" else "x CE"
+  short = "x CE" if reference_name == "faster_rcnn_ce_smooth_l1" else "x focal"
   header = (f"{'recipe':<32} {'detector':<12} {'anchors':>8} {'#pos':>6} {'step ms':>9} "
             f"{short:>8} {'peak RSS MB':>12} {short:>8} {'device MB':>10} "
             f"{'compile s':>10}")

@@ -5,6 +5,7 @@ steps in its own subprocess and is evaluated on the synthetic validation split; 
 AP, AP50, AP75 and the wall time of the run (compilation and evaluation included).
 
   python benchmarks/synthetic_recipes.py --family-model faster_rcnn       # every two-stage recipe
+  python benchmarks/synthetic_recipes.py --family-model deformable_detr --steps 2400
   python benchmarks/synthetic_recipes.py --recipes rank_sort alrp --steps 800
 """
 

@@ -100,7 +100,7 @@ def test_docstring_examples_outside_the_losses():
   import importlib
 
   for name in ("jaxrank.validation", "jaxrank.models", "jaxrank.models.dense",
-               "jaxrank.models.two_stage"):
+               "jaxrank.models.two_stage", "jaxrank.models.query_based"):
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted and not result.failed, (name, result)
 

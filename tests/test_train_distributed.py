@@ -33,6 +33,7 @@ _STEP_SCRIPT = textwrap.dedent("""
   from jaxrank.train import sharding as sh
 
   loss, ranking = sys.argv[1], sys.argv[2]
+  atol = float(sys.argv[3]) if len(sys.argv) > 3 else 2e-6
   assert jax.device_count() == 8, jax.devices()
   base = tiny_config(loss, train__ranking="per_device" if ranking != "global" else "global")
   train_ds, _ = input_pipeline.build_datasets(base.data)
@@ -62,13 +63,13 @@ _STEP_SCRIPT = textwrap.dedent("""
   print("losses", l1, l8, "groups", g1, g8)
   np.testing.assert_allclose(l1, l8, rtol=2e-5, atol=1e-6)
   for a, b in zip(p1, p8):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=atol)
   print("OK")
 """).format(tests=os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_step_script(loss, ranking):
-  proc = subprocess.run([sys.executable, "-c", _STEP_SCRIPT, loss, ranking], cwd=REPO,
+def _run_step_script(loss, ranking, atol=2e-6):
+  proc = subprocess.run([sys.executable, "-c", _STEP_SCRIPT, loss, ranking, str(atol)], cwd=REPO,
                         env=env(devices=8), capture_output=True, text=True)
   assert proc.returncode == 0 and "OK" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
   return proc.stdout
@@ -85,6 +86,15 @@ def test_8_devices_step_equals_1_device_step():
 ])
 def test_8_devices_two_stage_step_equals_1_device_step(recipe):
   out = _run_step_script(recipe, "global")
+  assert "groups 1 1" in out
+
+
+@pytest.mark.slow  # ~2 min: the sharding machinery is the one tested above
+@pytest.mark.parametrize("recipe", ["detr_bucketed_rank_sort", "detr_focal"])
+def test_8_devices_query_based_step_equals_1_device_step(recipe):
+  # Losses agree to every digit; clipping to 0.1 leaves some gradients near AdamW's eps, where
+  # float reassociation moves single updates by ~2e-6 (parameters of ~1e-6 after two steps).
+  out = _run_step_script(recipe, "global", atol=1e-5)
   assert "groups 1 1" in out
 
 

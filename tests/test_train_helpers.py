@@ -86,6 +86,10 @@ def tiny_config(loss: str = "focal_smooth_l1", **updates):
   config = presets.synthetic_config(loss, name="tiny")
   tiny = {k: v for k, v in TINY.items()
           if not k.startswith("model.") or k.split(".", 1)[1] in config.model}
+  if "num_queries" in config.model:  # a query-based detector
+    tiny.update({"model.hidden_dim": 16, "model.num_heads": 2, "model.num_points": 2,
+                 "model.encoder_layers": 1, "model.decoder_layers": 2, "model.ffn_dim": 32,
+                 "model.num_queries": 10})
   if "rpn_channels" in config.model:  # a two-stage detector
     tiny.update({"model.rpn_channels": 16, "model.fc_channels": 32,
                  "model.rpn_train_post_nms": 32, "model.rpn_test_post_nms": 32})

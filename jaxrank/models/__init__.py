@@ -14,7 +14,7 @@ the evaluation, the search and the benchmarks use only the functions below.
 (1, 100, 4)
 """
 
-from jaxrank.models import dense, two_stage
+from jaxrank.models import dense, query_based, two_stage
 from jaxrank.models.family import (
   Detector,
   DetectorFamily,
@@ -37,6 +37,7 @@ from jaxrank.models.resnet import BACKBONES, ResNet, TinyBackbone, build_backbon
 
 register_family(dense.FAMILY)
 register_family(two_stage.FAMILY)
+register_family(query_based.FAMILY)
 
 __all__ = [
     "BACKBONES",
@@ -56,6 +57,7 @@ __all__ = [
     "load_torchvision_resnet",
     "model_names",
     "prepare_loss_config",
+    "query_based",
     "recipe_config",
     "recipe_names",
     "register_family",

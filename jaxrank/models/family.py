@@ -15,9 +15,11 @@ module with the :class:`Detector` methods:
 padded), ``boxes [B, M, 4]`` xyxy pixels of the ``S x S`` frame, ``labels [B, M]`` (0-based),
 ``box_mask [B, M]``, ``valid [B]`` (False for padding examples) and ``image_id [B]``.
 
-The loss state is a pytree carried by the trainer (e.g. aLRP's self-balance weight). A loss
-named ``'pap'`` keeps its :class:`jaxrank.losses.PAPParams` as the whole loss state, so the
-Parameterized AP search can ``vmap`` a training step over it.
+The loss state is a pytree carried by the trainer (e.g. aLRP's self-balance weight, a
+sampler's or dropout's counter). A loss named ``'pap'`` keeps its PAP functions in the loss
+state (the dense family: the :class:`jaxrank.losses.PAPParams` as the whole state; two-stage:
+``PAPState``; query-based: ``QueryLossState.pap``), so the Parameterized AP search can ``vmap``
+a training step over them.
 """
 
 from __future__ import annotations

@@ -30,12 +30,14 @@ SYNTHETIC_PAP_TOP_K = 2000
 def synthetic_config(recipe: str = "rank_sort", *, name: str | None = None) -> ConfigDict:
   """A tiny detector of the published ``recipe`` (:func:`jaxrank.models.recipe_names`:
   RetinaNet / ATSS recipes by loss name, two-stage ones as ``faster_rcnn_<loss>`` and
-  ``cascade_rcnn_<loss>``) on 96 px synthetic shapes.
+  ``cascade_rcnn_<loss>``, Deformable DETR ones as ``detr_<loss>``) on 96 px synthetic
+  shapes.
 
   Tuned for the default run (RS loss on ATSS): AdamW 2e-3 at batch 8 with a cosine
   schedule, 2400 steps (~9 epochs of 2048 images); COCO AP@[.5:.95] about 0.56 on the 256
   validation images after about 3 minutes on an idle 2-core CPU. Two-stage recipes train
-  1600 steps (see the README for their APs and times).
+  1600 steps, Deformable DETR recipes 2400 at lr 1e-3 (see the README for their APs and
+  times).
   """
   c = base_config()
   c.name = name or f"synthetic_{recipe}"
@@ -44,8 +46,20 @@ def synthetic_config(recipe: str = "rank_sort", *, name: str | None = None) -> C
   model.backbone = "tiny"
   model.norm = "group_norm"
   model.frozen_stages = -1
-  model.fpn_channels = 64
-  if models.family_of(model).name == "two_stage":
+  family = models.family_of(model).name
+  if family == "query_based":
+    # Deformable DETR with 4 levels (strides 8-64: 12x12 .. 2x2 at 96 px, 193 tokens),
+    # 64 channels, 2 + 3 layers, 50 queries, no dropout.
+    model.hidden_dim = 64
+    model.num_heads = 4
+    model.num_points = 4
+    model.encoder_layers = 2
+    model.decoder_layers = 3
+    model.ffn_dim = 256
+    model.dropout = 0.0
+    model.num_queries = 50
+  elif family == "two_stage":
+    model.fpn_channels = 64
     # P2-P6 (strides 4-64) with anchors of 16 px at stride 4 .. 256 px at stride 64, RoIs of
     # 12-72 px objects pooled from P2-P3; fewer proposals and a smaller box head.
     model.anchor_scale = 4.0
@@ -60,6 +74,7 @@ def synthetic_config(recipe: str = "rank_sort", *, name: str | None = None) -> C
     model.roi_sampling_ratio = 1
     model.fc_channels = 256
   else:
+    model.fpn_channels = 64
     # P3-P5 (strides 8-32), small head; anchors of 2 strides (16 px at stride 8 .. ~100 px
     # at stride 32) fit 12-72 px objects.
     model.min_level = 3
@@ -73,7 +88,7 @@ def synthetic_config(recipe: str = "rank_sort", *, name: str | None = None) -> C
   c.loss = loss
   if loss.name == "pap":
     c.loss.pap_top_k = SYNTHETIC_PAP_TOP_K
-  two_stage = models.family_of(model).name == "two_stage"
+  two_stage = family == "two_stage"
 
   c.data.source = "synthetic"
   c.data.image_size = 96
@@ -96,6 +111,13 @@ def synthetic_config(recipe: str = "rank_sort", *, name: str | None = None) -> C
   c.optimizer.min_lr_ratio = 0.01
   c.optimizer.grad_clip_norm = 10.0
 
+  if family == "query_based":
+    # Deformable DETR's clipping and its x0.1 rate for the sampling offsets and reference
+    # points (the backbone trains from scratch here, at the full rate).
+    c.optimizer.lr = 1e-3
+    c.optimizer.grad_clip_norm = 0.1
+    c.optimizer.lr_multipliers = (("sampling_offsets", 0.1), ("reference_points", 0.1))
+
   c.train.batch_size = 8
   c.train.num_epochs = 0
   # Two-stage detectors learn the shapes faster per step and cost ~3x more per step.
@@ -117,7 +139,9 @@ def synthetic_config(recipe: str = "rank_sort", *, name: str | None = None) -> C
 COCO_RECIPES = ("retinanet_focal", "retinanet_focal_giou", "retinanet_ap", "retinanet_alrp",
                 "retinanet_pap", "atss_rs", "atss_brs", "atss_bap", "faster_rcnn_ce_smooth_l1",
                 "faster_rcnn_ce_giou", "faster_rcnn_rs", "faster_rcnn_brs", "faster_rcnn_alrp",
-                "faster_rcnn_pap", "cascade_rcnn_rs", "cascade_rcnn_brs")
+                "faster_rcnn_pap", "cascade_rcnn_rs", "cascade_rcnn_brs",
+                "deformable_detr_focal", "deformable_detr_rs", "deformable_detr_brs",
+                "deformable_detr_pap")
 
 
 def coco_base(*, source: str = "coco_folder") -> ConfigDict:
@@ -178,6 +202,33 @@ def coco_recipe_base(recipe: str, *, base: str = "coco") -> ConfigDict:
   model.num_classes = c.data.get_ref("num_classes")
   c.model = model
   c.loss = loss
+  return c
+
+
+def deformable_detr_base(recipe: str) -> ConfigDict:
+  """:func:`coco_recipe_base` of a query-based ``recipe`` with Deformable DETR's training
+  (fundamentalvision/Deformable-DETR ``main.py`` and ``configs/r50_deformable_detr*.sh``):
+  AdamW 2e-4 at batch 32 (8 GPUs x 4), weight decay 1e-4, x0.1 for the backbone, the
+  sampling offsets and the reference points, gradient clipping 0.1, no warmup, 50 epochs
+  with x0.1 at 40; test: the 100 best (query, class) pairs, no score threshold, no NMS."""
+  c = coco_recipe_base(recipe)
+  c.optimizer.name = "adamw"
+  c.optimizer.lr = 2e-4
+  c.optimizer.lr_reference_batch_size = 32
+  c.optimizer.momentum = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.lr_multipliers = (("backbone", 0.1), ("sampling_offsets", 0.1),
+                                ("reference_points", 0.1))
+  c.optimizer.grad_clip_norm = 0.1
+  c.optimizer.warmup_steps = 0
+  c.optimizer.schedule = "step"
+  c.optimizer.decay_epochs = (40,)
+  c.optimizer.decay_factor = 0.1
+  c.train.batch_size = 32
+  c.train.num_epochs = 50
+  c.eval.score_threshold = 0.0
+  c.eval.max_detections = 100
   return c
 
 

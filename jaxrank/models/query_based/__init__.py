@@ -1,0 +1,97 @@
+"""The query-based family: Deformable DETR with focal, Rank & Sort, bucketed Rank & Sort and
+Parameterized AP set losses.
+
+``model.name`` 'deformable_detr'; ``loss.name`` one of :data:`LOSS_NAMES` (see
+:mod:`jaxrank.models.query_based.recipes`); published recipes :data:`RECIPE_NAMES`
+(``'detr_<loss>'``: box refinement and two-stage).
+
+>>> import jax.numpy as jnp
+>>> from flax import nnx
+>>> from jaxrank.models import query_based
+>>> config = query_based.default_model_config()
+>>> config.update(backbone="tiny", image_size=64, num_classes=3, hidden_dim=16, num_heads=2,
+...               encoder_layers=1, decoder_layers=2, ffn_dim=32, num_queries=10)
+>>> detector = query_based.build_detector(
+...     config, query_based.default_loss_config("bucketed_rank_sort"), rngs=nnx.Rngs(0))
+>>> detector.detect(jnp.zeros((1, 64, 64, 3)), max_detections=5).boxes.shape
+(1, 5, 4)
+"""
+
+from jaxrank.models.family import DetectorFamily, TrainingSetup
+from jaxrank.models.query_based.config import (
+  DETECTORS,
+  LOSS_NAMES,
+  RECIPES,
+  LossSettings,
+  QueryLossState,
+  QueryStatic,
+  check_loss_config,
+  check_model_config,
+  default_loss_config,
+  default_model_config,
+  init_loss_state,
+  recipe_model_config,
+)
+from jaxrank.models.query_based.detector import DeformableDETR, build_detector
+
+#: Published recipes: Deformable DETR (box refinement, two-stage) with every loss.
+RECIPE_NAMES = tuple(f"detr_{loss}" for loss in LOSS_NAMES)
+
+
+def recipe_config(name: str):
+  """``(model_config, loss_config)`` of the published recipe ``name``."""
+  if name not in RECIPE_NAMES:
+    raise ValueError(f"unknown query-based recipe {name!r}; known: {RECIPE_NAMES}")
+  loss_name = name[len("detr_"):]
+  return recipe_model_config(loss_name), default_loss_config(loss_name)
+
+
+def check_config(model_config, loss_config) -> None:
+  """Checks the ``model`` and ``loss`` sections."""
+  check_model_config(model_config)
+  check_loss_config(loss_config)
+
+
+def prepare_loss_config(loss_config, setup: TrainingSetup):
+  """A copy with ``ranking_groups`` = one group per device for per-device ranking."""
+  loss_config = loss_config.copy_and_resolve_references()
+  if setup.per_device_ranking:
+    with loss_config.unlocked():
+      loss_config.ranking_groups = int(setup.num_devices)
+  return loss_config
+
+
+FAMILY = DetectorFamily(
+    name="query_based",
+    model_names=DETECTORS,
+    default_model_config=default_model_config,
+    default_loss_config=default_loss_config,
+    check_config=check_config,
+    build=build_detector,
+    init_loss_state=lambda model_config, loss_config: init_loss_state(loss_config),
+    prepare_loss_config=prepare_loss_config,
+    loss_names=LOSS_NAMES,
+    recipe_names=RECIPE_NAMES,
+    recipe_config=recipe_config,
+)
+
+__all__ = [
+    "DETECTORS",
+    "FAMILY",
+    "LOSS_NAMES",
+    "RECIPES",
+    "RECIPE_NAMES",
+    "DeformableDETR",
+    "LossSettings",
+    "QueryLossState",
+    "QueryStatic",
+    "build_detector",
+    "check_config",
+    "check_loss_config",
+    "check_model_config",
+    "default_loss_config",
+    "default_model_config",
+    "init_loss_state",
+    "recipe_config",
+    "recipe_model_config",
+]
