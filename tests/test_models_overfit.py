@@ -86,8 +86,10 @@ def overfit_two_stage(recipe, *, steps=300, lr=1e-3, seed=0):
   return overfit_detector(model_config, loss_config, steps=steps, lr=lr, seed=seed)
 
 
-def overfit_query_based(recipe, *, steps=300, lr=1e-3, seed=0):
-  """As :func:`overfit_two_stage` for a query-based recipe on a tiny Deformable DETR."""
+def overfit_query_based(recipe, *, steps=600, lr=1e-3, seed=0):
+  """As :func:`overfit_two_stage` for a query-based recipe on a tiny Deformable DETR (600
+  steps: at 300, RS's value-balanced box terms fade with the ranking loss before one box is
+  tight, AP 0.67)."""
   model_config, loss_config = models.recipe_config(recipe)
   model_config.update(backbone="tiny", norm="group_norm", frozen_stages=-1, image_size=SIZE,
                       num_classes=3, hidden_dim=32, num_heads=4, num_points=2,
