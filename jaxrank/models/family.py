@@ -69,14 +69,14 @@ def unchanged_loss_config(loss_config, setup: TrainingSetup):
 
 
 def ranking_loss_config(loss_config, setup: TrainingSetup):
-  """A copy with ``ranking_groups`` = one group per device for per-device ranking and an
-  ``alrp_period`` of 0 set to one epoch: the ``prepare_loss_config`` of families whose loss
-  configs have both fields (dense, two-stage)."""
+  """A copy with ``ranking_groups`` = one group per device for per-device ranking and, where
+  the config has one, an ``alrp_period`` of 0 set to one epoch: the ``prepare_loss_config`` of
+  the families with ranking losses."""
   loss_config = loss_config.copy_and_resolve_references()
   with loss_config.unlocked():
     if setup.per_device_ranking:
       loss_config.ranking_groups = int(setup.num_devices)
-    if int(loss_config.alrp_period) == 0:
+    if "alrp_period" in loss_config and int(loss_config.alrp_period) == 0:
       loss_config.alrp_period = int(setup.steps_per_epoch)
   return loss_config
 

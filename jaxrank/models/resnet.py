@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrank.models.layers import Conv, max_pool_3x3_s2, norm_layer
+from jaxrank.models.layers import DTYPES, NORMS, Conv, max_pool_3x3_s2, norm_layer
 
 BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
 RESNET_SPECS = {
@@ -186,3 +186,16 @@ def build_backbone(name: str, *, norm: str = "frozen_bn", frozen_stages: int = -
   if name in RESNET_SPECS:
     return ResNet(name, **kw)
   raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+
+
+def check_backbone_config(model) -> str:
+  """Checks the backbone fields every family's model config has (``backbone``, ``norm``,
+  ``dtype``, ``frozen_stages``, ``pretrained``) in the ``model`` section (a
+  :class:`jaxrank.validation.Section`); returns the backbone name."""
+  backbone = model.choice("backbone", BACKBONES)
+  model.choice("norm", NORMS)
+  model.choice("dtype", tuple(DTYPES))
+  model.integer("frozen_stages", min=-1, max=4)
+  if model.string("pretrained") and backbone not in RESNET_SPECS:
+    raise model.error("pretrained", f"needs a ResNet backbone, got {backbone!r}")
+  return backbone

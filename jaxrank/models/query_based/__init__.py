@@ -17,7 +17,7 @@ Parameterized AP set losses.
 (1, 5, 4)
 """
 
-from jaxrank.models.family import DetectorFamily, TrainingSetup
+from jaxrank.models.family import DetectorFamily, ranking_loss_config
 from jaxrank.models.query_based.config import (
   DETECTORS,
   LOSS_NAMES,
@@ -52,15 +52,6 @@ def check_config(model_config, loss_config) -> None:
   check_loss_config(loss_config)
 
 
-def prepare_loss_config(loss_config, setup: TrainingSetup):
-  """A copy with ``ranking_groups`` = one group per device for per-device ranking."""
-  loss_config = loss_config.copy_and_resolve_references()
-  if setup.per_device_ranking:
-    with loss_config.unlocked():
-      loss_config.ranking_groups = int(setup.num_devices)
-  return loss_config
-
-
 FAMILY = DetectorFamily(
     name="query_based",
     model_names=DETECTORS,
@@ -69,7 +60,7 @@ FAMILY = DetectorFamily(
     check_config=check_config,
     build=build_detector,
     init_loss_state=lambda model_config, loss_config: init_loss_state(loss_config),
-    prepare_loss_config=prepare_loss_config,
+    prepare_loss_config=ranking_loss_config,
     loss_names=LOSS_NAMES,
     recipe_names=RECIPE_NAMES,
     recipe_config=recipe_config,

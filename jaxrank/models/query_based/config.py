@@ -16,8 +16,7 @@ import ml_collections
 
 from jaxrank import losses
 from jaxrank.losses import parameterized
-from jaxrank.models.layers import DTYPES, NORMS
-from jaxrank.models.resnet import BACKBONES, RESNET_SPECS
+from jaxrank.models.resnet import check_backbone_config
 from jaxrank.validation import ConfigError, Section
 
 DETECTORS = ("deformable_detr",)
@@ -106,12 +105,7 @@ def check_model_config(config) -> QueryStatic:
   model = Section(config, "model")
   model.fields(MODEL_FIELDS)
   name = model.choice("name", DETECTORS)
-  backbone = model.choice("backbone", BACKBONES)
-  model.choice("norm", NORMS)
-  model.choice("dtype", tuple(DTYPES))
-  model.integer("frozen_stages", min=-1, max=4)
-  if model.string("pretrained") and backbone not in RESNET_SPECS:
-    raise model.error("pretrained", f"needs a ResNet backbone, got {backbone!r}")
+  check_backbone_config(model)
   image_size = model.integer("image_size", min=64)
   num_classes = model.integer("num_classes", min=1)
   hidden = model.integer("hidden_dim", min=2)

@@ -46,6 +46,16 @@ PRIOR_PROB = 0.01
 INVALID_PROPOSAL = 1e4
 
 
+def cell_centers(spatial_shapes):
+  """``[S, 2]`` (x, y) centres of every cell of every level in [0, 1], levels flattened in
+  order (the encoder's reference points and the two-stage proposals' centres)."""
+  centers = []
+  for h, w in spatial_shapes:
+    ys, xs = jnp.meshgrid((jnp.arange(h) + 0.5) / h, (jnp.arange(w) + 0.5) / w, indexing="ij")
+    centers.append(jnp.stack([xs.reshape(-1), ys.reshape(-1)], -1))
+  return jnp.concatenate(centers, axis=0)
+
+
 class ConvGN(nnx.Module):
   """Conv (Xavier init, as published) + GroupNorm(32): the input projections."""
 
@@ -156,18 +166,15 @@ class DeformableDETR(nnx.Module):
         srcs.append(proj(srcs[-1]))
     b = images.shape[0]
     c = static.hidden_dim
-    tokens, pos, refs = [], [], []
+    tokens, pos = [], []
     for level, ((h, w), src) in enumerate(zip(static.spatial_shapes, srcs)):
       if src.shape[1:3] != (h, w):
         raise ValueError(f"level {level} is {src.shape[1:3]}, expected {(h, w)}")
       tokens.append(src.reshape(b, h * w, c))
       pos.append(sine_position_embedding(h, w, c) + self.level_embed[level])
-      ys, xs = jnp.meshgrid((jnp.arange(h) + 0.5) / h, (jnp.arange(w) + 0.5) / w,
-                            indexing="ij")
-      refs.append(jnp.stack([xs.reshape(-1), ys.reshape(-1)], -1))
     memory = jnp.concatenate(tokens, axis=1)
     pos = jnp.concatenate(pos, axis=0)[None].astype(memory.dtype)
-    ref = jnp.concatenate(refs, axis=0)
+    ref = cell_centers(static.spatial_shapes)
     ref = jnp.broadcast_to(ref[None, :, None, :], (b, ref.shape[0], static.num_levels, 2))
     for layer, layer_key in zip(self.encoder, split_key(key, len(self.encoder))):
       memory = layer(memory, pos, ref, layer_key)
@@ -178,13 +185,10 @@ class DeformableDETR(nnx.Module):
     ``0.05 · 2^level``) in logit space, and the projected memory; invalid proposals (a
     coordinate outside (0.01, 0.99)) get :data:`INVALID_PROPOSAL` and zero memory."""
     static = self._static
-    props = []
-    for level, (h, w) in enumerate(static.spatial_shapes):
-      ys, xs = jnp.meshgrid((jnp.arange(h) + 0.5) / h, (jnp.arange(w) + 0.5) / w,
-                            indexing="ij")
-      wh = jnp.full((h * w,), 0.05 * 2.0 ** level)
-      props.append(jnp.stack([xs.reshape(-1), ys.reshape(-1), wh, wh], -1))
-    props = jnp.concatenate(props, axis=0)
+    sides = jnp.concatenate([jnp.full((h * w,), 0.05 * 2.0 ** level)
+                             for level, (h, w) in enumerate(static.spatial_shapes)])
+    props = jnp.concatenate([cell_centers(static.spatial_shapes), sides[:, None],
+                             sides[:, None]], axis=-1)
     ok = jnp.all((props > 0.01) & (props < 0.99), axis=-1)
     unact = jnp.where(ok[:, None], jnp.log(props / (1 - props)), INVALID_PROPOSAL)
     out = jnp.where(ok[None, :, None], memory, 0.0).astype(memory.dtype)
