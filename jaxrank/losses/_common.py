@@ -163,10 +163,37 @@ class Positives(NamedTuple):
   overflow: Array  # [] bool: more positives than slots
 
 
+#: Row length of the two-level compaction in :func:`positive_indices`.
+COMPACT_ROW = 128
+
+
+def positive_indices(positive, slots: int):
+  """``jnp.nonzero(positive, size=slots, fill_value=0)`` and the number of positives.
+
+  Two levels instead of a prefix sum over all N entries: one reduction counts the positives of
+  each row of ``COMPACT_ROW`` entries, and only the (at most ``slots``) rows that hold any are
+  gathered and ranked, so the work beyond the reduction is O(slots · COMPACT_ROW).
+  """
+  n = positive.shape[0]
+  rows = -(-n // COMPACT_ROW)
+  grid = jnp.pad(positive, (0, rows * COMPACT_ROW - n)).reshape(rows, COMPACT_ROW)
+  per_row = jnp.sum(grid, axis=1, dtype=jnp.int32)
+  count = jnp.sum(per_row)
+  kept_rows = min(rows, slots)
+  (row,) = jnp.nonzero(per_row > 0, size=kept_rows, fill_value=0)
+  row = row.astype(jnp.int32)
+  real_row = jnp.arange(kept_rows) < jnp.sum(per_row > 0)
+  members = grid[row] & real_row[:, None]
+  in_row = jnp.cumsum(members, axis=1, dtype=jnp.int32) - 1
+  row_start = jnp.cumsum(per_row[row] * real_row, dtype=jnp.int32) - per_row[row] * real_row
+  slot = jnp.where(members, row_start[:, None] + in_row, slots)
+  entry = row[:, None] * COMPACT_ROW + jnp.arange(COMPACT_ROW, dtype=jnp.int32)
+  index = jnp.zeros(slots, jnp.int32).at[slot.reshape(-1)].set(entry.reshape(-1), mode="drop")
+  return index, count
+
+
 def gather_positives(flat: Flat, max_positives: int) -> Positives:
-  count = jnp.sum(flat.positive, dtype=jnp.int32)
-  (index,) = jnp.nonzero(flat.positive, size=max_positives, fill_value=0)
-  index = index.astype(jnp.int32)
+  index, count = positive_indices(flat.positive, max_positives)
   slot = jnp.arange(max_positives, dtype=jnp.int32)
   mask = slot < count
   s = jnp.where(mask, flat.logits[index], jnp.inf)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxrank.losses import _pairwise
 from jaxrank.losses._common import (
@@ -23,6 +24,9 @@ from jaxrank.losses._common import (
 Array = jax.Array
 
 RS_EPS = 1e-10
+#: Positive slots tried first when ``max_positives`` is not given under ``jit`` (the slot count
+#: is then the number of entries): at most this many positives run as if it had been given.
+FEW_POSITIVES = 4096
 #: Largest target of RS and bucketed RS: targets of positives are IoUs.
 MAX_IOU_TARGET = 1.0
 
@@ -63,26 +67,39 @@ def ranking_impl(body: Callable[..., LossParts], *, name: str, max_target: float
   gradient 0 without positives and NaN for bad input, and lays the errors out like ``logits``.
   """
 
-  def impl(static, logits, targets, *args):
+  def impl(static, logits, targets, *args, errors: bool = True):
     *extra, where = args
     delta, max_positives = static
     flat = flatten(logits, targets, where, name=name, max_target=max_target)
-    pos = gather_positives(flat, max_positives)
-    n = jnp.maximum(pos.count, 1).astype(jnp.float32)
-    parts = body(flat, pos, n, delta, *extra)
-    flat = flat._replace(invalid=flat.invalid | parts.invalid)
-    values, grad = finish(parts.values, parts.grad, flat, pos)
-    sorting = (jnp.zeros_like(flat.logits) if parts.sorting is None
-               else per_entry(flat, pos, parts.sorting))
-    errors = RankingErrors(per_entry(flat, pos, parts.ranking), sorting, flat.positive)
-    return values, grad.reshape(logits.shape).astype(logits.dtype), errors
+
+    def run(slots):
+      pos = gather_positives(flat, slots)
+      n = jnp.maximum(pos.count, 1).astype(jnp.float32)
+      parts = body(flat, pos, n, delta, *extra)
+      checked = flat._replace(invalid=flat.invalid | parts.invalid)
+      values, grad = finish(parts.values, parts.grad, checked, pos)
+      if not errors:
+        return values, grad
+      sorting = (jnp.zeros_like(flat.logits) if parts.sorting is None
+                 else per_entry(flat, pos, parts.sorting))
+      return values, grad, RankingErrors(per_entry(flat, pos, parts.ranking), sorting,
+                                         flat.positive)
+
+    if max_positives > FEW_POSITIVES and max_positives >= flat.logits.shape[0]:
+      # No bound given under jit: few real positives take the small slot count, so the cost
+      # and memory follow the real positives rather than the number of entries.
+      few = jnp.sum(flat.positive) <= FEW_POSITIVES
+      out = lax.cond(few, lambda: run(FEW_POSITIVES), lambda: run(max_positives))
+    else:
+      out = run(max_positives)
+    return (out[0], out[1].reshape(logits.shape).astype(logits.dtype)) + tuple(out[2:])
 
   return impl
 
 
 def without_errors(impl):
   """``impl`` returning ``(values, grad)`` only, for :func:`jaxrank.losses._vjp.error_driven`."""
-  return lambda *a: impl(*a)[:2]
+  return lambda *a: impl(*a, errors=False)
 
 
 def static_options(name, logits, targets, delta, max_positives, *, allow_zero, where=None,

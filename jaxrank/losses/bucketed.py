@@ -29,9 +29,17 @@ from __future__ import annotations
 import functools
 
 import jax.numpy as jnp
+from jax import lax
 
 from jaxrank.losses._common import Flat, Positives
-from jaxrank.losses._ramp import make_thresholds, ramp_values, searchsorted, window_sums
+from jaxrank.losses._ramp import (
+  computed_once,
+  count_at_or_below,
+  ramp_at_slots,
+  scatter_sum,
+  sums_over_slots,
+  windows,
+)
 from jaxrank.losses._shared import (
   MAX_IOU_TARGET,
   RS_EPS,
@@ -47,37 +55,41 @@ __all__ = ["ERRORS", "bucketed_ap_loss", "bucketed_rank_sort_loss"]
 
 
 def _buckets(flat: Flat, pos: Positives, delta: float):
-  """Bucket id, relevance, size and mean logit of the negatives' runs between positives."""
+  """Bucket index (``P + 1`` where irrelevant), size and mean logit of the negatives' runs."""
   tau = pos.logits[0] - delta
   count = pos.count
-  at_or_below = jnp.minimum(searchsorted(pos.logits, flat.logits, "right"), count)
-  bucket = count - at_or_below  # positives strictly above; ties put negatives first
-  relevant = flat.negative & (flat.logits >= tau)
+  at_or_below = jnp.minimum(count_at_or_below(pos.logits, flat.logits), count)
   num_buckets = pos.logits.shape[0] + 1
+  relevant = flat.negative & (flat.logits >= tau)
+  # bucket = positives strictly above; ties put negatives first
+  index = lax.optimization_barrier(jnp.where(relevant, count - at_or_below, num_buckets))
+  kept = index < num_buckets
+  bucket = jnp.minimum(index, num_buckets - 1)
   b = jnp.arange(num_buckets)
   below = jnp.clip(count - 1 - b, 0, pos.logits.shape[0] - 1)
   ref = jnp.where(b < count, pos.logits[below], tau)  # the positive just below the bucket
-  offset = jnp.where(relevant, flat.logits - ref[bucket], 0.0)
-  size = jnp.zeros(num_buckets, jnp.float32).at[bucket].add(relevant.astype(jnp.float32))
-  mean = ref + jnp.zeros(num_buckets, jnp.float32).at[bucket].add(offset) / jnp.maximum(size, 1.0)
-  return bucket, relevant, size, mean
+  offset = jnp.where(kept, flat.logits - ref[bucket], 0.0)
+  size = scatter_sum(kept.astype(jnp.float32), index, num_buckets)
+  mean = ref + scatter_sum(offset, index, num_buckets) / jnp.maximum(size, 1.0)
+  return index, size, mean
 
 
 def _bucketed_body(flat: Flat, pos: Positives, n, delta: float, *, sorting: bool) -> LossParts:
-  th = make_thresholds(pos.logits, delta)
-  bucket, relevant, size, mean = _buckets(flat, pos, delta)
-  nfp = window_sums(th, mean, size)
+  th = windows(pos.logits, pos.count, delta)
+  index, size, mean = _buckets(flat, pos, delta)
+  nfp = sums_over_slots(th, mean, size)
   if sorting:
     rank_plus, sorting_error, sorting_grad = sorting_part(pos, delta)
   else:
-    rank_plus = window_sums(th, pos.logits, pos.mask)
+    rank_plus = sums_over_slots(th, pos.logits, pos.mask)
     sorting_error = sorting_grad = jnp.zeros_like(rank_plus)
   rank = jnp.where(pos.mask, rank_plus + nfp, 1.0)
   has_fp = pos.mask & (nfp > RS_EPS)
   ranking_error = jnp.where(pos.mask, nfp / rank, 0.0)
   coeff = jnp.where(has_fp, 1.0 / (rank * n), 0.0)
-  per_member = ramp_values(th, coeff, mean)  # the bucket's total gradient / n_b
-  grad = jnp.where(relevant, per_member[bucket], 0.0)
+  # the bucket's total gradient / n_b
+  per_member = computed_once(jnp.any(coeff != 0), lambda: ramp_at_slots(th, coeff, mean), mean)
+  grad = jnp.where(index < size.shape[0], per_member[jnp.minimum(index, size.shape[0] - 1)], 0.0)
   grad = grad.at[pos.index].add(jnp.where(pos.mask, (sorting_grad - ranking_error) / n, 0.0))
   values = (jnp.sum(ranking_error) / n, jnp.sum(sorting_error) / n)
   return LossParts(values, grad, ranking_error, sorting_error)

@@ -30,7 +30,7 @@ from jax import lax
 
 from jaxrank.losses import bucketed
 from jaxrank.losses._common import Flat, Positives, check_input, flatten, smoothed_step
-from jaxrank.losses._ramp import bucketize, make_thresholds, ramp_values, window_sums
+from jaxrank.losses._ramp import ramp_at_points, sums_over_points, sums_over_slots, windows
 from jaxrank.losses._shared import (
   MAX_IOU_TARGET,
   RS_EPS,
@@ -53,21 +53,20 @@ ALRP_EPS = 1e-5
 
 
 def _negative_sums(flat: Flat, pos: Positives, delta: float):
-  th = make_thresholds(pos.logits, delta)
-  bucket = bucketize(th, flat.logits)
-  nfp = window_sums(th, flat.logits, flat.negative, bucket)
-  return th, bucket, nfp
+  th = windows(pos.logits, pos.count, delta)
+  nfp, index = sums_over_points(th, flat.logits, flat.negative)
+  return th, index, nfp
 
 
-def _assemble(th, bucket, flat: Flat, pos: Positives, coeff, grad_pos):
+def _assemble(th, index, flat: Flat, pos: Positives, coeff, grad_pos):
   """Negatives' gradient ``Σ_i coeff_i H(s_j - s_i)`` plus the positives' own gradient."""
-  grad = jnp.where(flat.negative, ramp_values(th, coeff, flat.logits, bucket), 0.0)
+  grad = ramp_at_points(th, coeff, flat.logits, flat.negative, index)
   return grad.at[pos.index].add(jnp.where(pos.mask, grad_pos, 0.0))
 
 
 def _ap_body(flat: Flat, pos: Positives, n, delta: float) -> LossParts:
   th, bucket, nfp = _negative_sums(flat, pos, delta)
-  rank_plus = window_sums(th, pos.logits, pos.mask) + (1.0 - smoothed_step(0.0, delta))
+  rank_plus = sums_over_slots(th, pos.logits, pos.mask) + (1.0 - smoothed_step(0.0, delta))
   rank = rank_plus + nfp
   precision = jnp.where(pos.mask, rank_plus / rank, 0.0)
   interpolated = lax.cummax(precision)  # positives are in ascending-logit order
@@ -86,11 +85,11 @@ def _alrp_body(flat: Flat, pos: Positives, n, delta: float, loc_errors) -> LossP
   invalid = jnp.any(pos.mask & ~(loc >= 0))  # negative or NaN localisation error
   th, bucket, nfp = _negative_sums(flat, pos, delta)
   self_term = smoothed_step(0.0, delta)
-  rank_plus = window_sums(th, pos.logits, pos.mask) + (1.0 - self_term)
+  rank_plus = sums_over_slots(th, pos.logits, pos.mask) + (1.0 - self_term)
   rank = rank_plus + nfp
   error = jnp.where(pos.mask, nfp / rank, 0.0)
   cls_loss = jnp.sum(error) / n
-  loc_above = window_sums(th, pos.logits, loc) - self_term * loc  # Σ_{k≠i} H(s_k - s_i) e_k
+  loc_above = sums_over_slots(th, pos.logits, loc) - self_term * loc  # Σ_{k≠i} H(s_k - s_i) e_k
   primary = (loc_above + nfp) / rank
   active = pos.mask & (nfp > ALRP_EPS)
   coeff = jnp.where(active, primary / (jnp.where(active, nfp, 1.0) * n), 0.0)
@@ -144,9 +143,10 @@ def ap_loss(logits, targets, *, delta: float = 1.0, where=None,
       The published code tests ``== 1``; here any positive value marks a positive.
     delta: half-width of the smoothed step ``H_δ``; 1.0 as published.
     where: optional boolean mask broadcastable to ``logits``; ``False`` ignores an entry.
-    max_positives: static number of positive slots. Needed under ``jit`` with traced targets
-      for speed (default: the number of entries, correct but O(N log N)); more positives than
-      slots gives a NaN loss.
+    max_positives: static number of positive slots; more positives than slots gives a NaN
+      loss. Under ``jit`` with traced targets it defaults to the number of entries: up to 4096
+      real positives then cost about what the bound would, more are handled in chunks of 8192
+      (a sort of the slots, one pass over the logits per chunk); pass it in training steps.
 
   Returns:
     The scalar loss (float32); 0 with zero gradient when there are no positives.
