@@ -1,6 +1,7 @@
 """Train-step time and peak memory of every published recipe of a detector family on a
 ResNet-FPN detector, as ratios to the family's baseline (focal + smooth L1 for RetinaNet /
-ATSS, cross-entropy + L1 for Faster / Cascade R-CNN, the focal set loss for Deformable DETR).
+ATSS, cross-entropy + L1 for Faster / Cascade R-CNN, the focal set loss for Deformable DETR,
+Co-DETR's focal recipe for Co-DETR).
 
 Each recipe runs in its own subprocess (so peak memory is its own): a jitted step of the
 trainer's step (``detector.loss`` through :mod:`jaxrank.train.steps`) with SGD momentum,
@@ -14,6 +15,7 @@ random boxes per image.
   python benchmarks/detector.py --family-model faster_rcnn --detector faster_rcnn \
       --rpn-sampler all --rcnn-sampler all_with_gt    # the same anchors and RoIs for every loss
   python benchmarks/detector.py --family-model deformable_detr --steps 3   # query-based
+  python benchmarks/detector.py --family-model co_deformable_detr --steps 3   # Co-DETR
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import sys
 import time
 
 #: The baseline every family's ratios are taken to.
-REFERENCES = ("focal_smooth_l1", "faster_rcnn_ce_smooth_l1", "detr_focal")
+REFERENCES = ("focal_smooth_l1", "faster_rcnn_ce_smooth_l1", "detr_focal", "co_detr_focal")
 
 
 def child(args) -> dict:
@@ -162,12 +164,15 @@ def main(argv=None):
   family = models.family_of({"name": args.family_model})
   if args.loss_only and family.name != "dense":
     parser.error("--loss-only times the dense family's loss function on random head outputs")
-  recipes = list(args.recipes or family.recipe_names)
+  own = list(family.recipe_names)
+  if family.name == "query_based":  # Deformable DETR and Co-DETR recipes apart
+    own = [r for r in own if models.recipe_config(r)[0].name == args.family_model]
+  recipes = list(args.recipes or own)
   unknown = sorted(set(recipes) - set(family.recipe_names))
   if unknown:
     parser.error(f"unknown recipes {unknown}; the {family.name} family has "
                  f"{family.recipe_names}")
-  reference_name = next((r for r in REFERENCES if r in family.recipe_names), None)
+  reference_name = next((r for r in REFERENCES if r in own), None)
   if reference_name is not None and reference_name not in recipes:
     recipes.insert(0, reference_name)
   passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]

@@ -6,6 +6,7 @@ AP, AP50, AP75 and the wall time of the run (compilation and evaluation included
 
   python benchmarks/synthetic_recipes.py --family-model faster_rcnn       # every two-stage recipe
   python benchmarks/synthetic_recipes.py --family-model deformable_detr --steps 2400
+  python benchmarks/synthetic_recipes.py --family-model co_deformable_detr --steps 2400
   python benchmarks/synthetic_recipes.py --recipes rank_sort alrp --steps 800
 """
 
@@ -32,7 +33,10 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=1600, help="training steps of every recipe")
   args = parser.parse_args(argv)
   family = models.family_of({"name": args.family_model})
-  recipes = list(args.recipes or family.recipe_names)
+  own = list(family.recipe_names)
+  if family.name == "query_based":  # Deformable DETR and Co-DETR recipes apart
+    own = [r for r in own if models.recipe_config(r)[0].name == args.family_model]
+  recipes = list(args.recipes or own)
   unknown = sorted(set(recipes) - set(models.recipe_names()))
   if unknown:
     parser.error(f"unknown recipes {unknown}")

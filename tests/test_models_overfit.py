@@ -95,6 +95,10 @@ def overfit_query_based(recipe, *, steps=600, lr=1e-3, seed=0):
                       num_classes=3, hidden_dim=32, num_heads=4, num_points=2,
                       encoder_layers=1, decoder_layers=2, ffn_dim=64, num_queries=20,
                       dropout=0.0)
+  if model_config.name == "co_deformable_detr":
+    model_config.update(aux_queries=20, rpn_anchor_scale=2.0, rpn_train_pre_nms=500,
+                        rpn_train_post_nms=64, roi_sampling_ratio=1, finest_scale=56.0,
+                        fc_channels=128, atss_anchor_scale=2.0)
   loss_config.update(pap_top_k=2000)
   return overfit_detector(model_config, loss_config, steps=steps, lr=lr, seed=seed)
 

@@ -31,7 +31,8 @@ def tiny(recipe, **model_updates):
 def test_every_recipe_is_registered_and_valid():
   assert set(query_based.RECIPE_NAMES) <= set(models.recipe_names())
   assert query_based.RECIPE_NAMES == ("detr_focal", "detr_rank_sort",
-                                      "detr_bucketed_rank_sort", "detr_pap")
+                                      "detr_bucketed_rank_sort", "detr_pap", "co_detr_focal",
+                                      "rs_detr", "brs_detr")
   for recipe in query_based.RECIPE_NAMES:
     model, loss = models.recipe_config(recipe)
     models.check_config(model, loss)

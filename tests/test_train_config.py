@@ -295,9 +295,10 @@ def test_presets_cover_every_recipe():
     assert os.path.isfile(os.path.join(REPO, "configs", f"synthetic_{name}.py"))
     c = presets.synthetic_config(name)
     config_lib.validate(c)
-  # The SGD schedules are pinned above, the AdamW Deformable DETR ones in
-  # tests/test_models_query_based.py.
+  # The SGD schedules are pinned above, the AdamW Deformable DETR and Co-DETR ones in
+  # tests/test_models_query_based.py and tests/test_models_co_detr.py.
   query_based = {f"deformable_detr_{k}" for k in ("focal", "rs", "brs", "pap")}
+  query_based |= {"co_detr_focal", "rs_detr", "brs_detr"}
   assert set(presets.COCO_RECIPES) == {k[len("coco_"):] for k in _PUBLISHED} | query_based
   files = glob.glob(os.path.join(REPO, "configs", "coco_*.py"))
   assert {os.path.basename(f)[len("coco_"):-len(".py")] for f in files} == set(

@@ -90,7 +90,8 @@ def test_8_devices_two_stage_step_equals_1_device_step(recipe):
 
 
 @pytest.mark.slow  # ~2 min: the sharding machinery is the one tested above
-@pytest.mark.parametrize("recipe", ["detr_bucketed_rank_sort", "detr_focal"])
+@pytest.mark.parametrize("recipe", ["detr_bucketed_rank_sort", "detr_focal", "brs_detr",
+                                    "co_detr_focal"])
 def test_8_devices_query_based_step_equals_1_device_step(recipe):
   # Losses agree to every digit; clipping to 0.1 leaves some gradients near AdamW's eps, where
   # float reassociation moves single updates by ~2e-6 (parameters of ~1e-6 after two steps).

@@ -90,6 +90,9 @@ def tiny_config(loss: str = "focal_smooth_l1", **updates):
     tiny.update({"model.hidden_dim": 16, "model.num_heads": 2, "model.num_points": 2,
                  "model.encoder_layers": 1, "model.decoder_layers": 2, "model.ffn_dim": 32,
                  "model.num_queries": 10})
+  if "aux_queries" in config.model:  # Co-DETR
+    tiny.update({"model.aux_queries": 12, "model.fc_channels": 32,
+                 "model.rpn_train_post_nms": 40})
   if "rpn_channels" in config.model:  # a two-stage detector
     tiny.update({"model.rpn_channels": 16, "model.fc_channels": 32,
                  "model.rpn_train_post_nms": 32, "model.rpn_test_post_nms": 32})

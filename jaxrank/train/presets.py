@@ -30,8 +30,8 @@ SYNTHETIC_PAP_TOP_K = 2000
 def synthetic_config(recipe: str = "rank_sort", *, name: str | None = None) -> ConfigDict:
   """A tiny detector of the published ``recipe`` (:func:`jaxrank.models.recipe_names`:
   RetinaNet / ATSS recipes by loss name, two-stage ones as ``faster_rcnn_<loss>`` and
-  ``cascade_rcnn_<loss>``, Deformable DETR ones as ``detr_<loss>``) on 96 px synthetic
-  shapes.
+  ``cascade_rcnn_<loss>``, Deformable DETR ones as ``detr_<loss>``, Co-DETR ones as
+  ``co_detr_focal``, ``rs_detr``, ``brs_detr``) on 96 px synthetic shapes.
 
   Tuned for the default run (RS loss on ATSS): AdamW 2e-3 at batch 8 with a cosine
   schedule, 2400 steps (~9 epochs of 2048 images); COCO AP@[.5:.95] about 0.56 on the 256
@@ -58,6 +58,18 @@ def synthetic_config(recipe: str = "rank_sort", *, name: str | None = None) -> C
     model.ffn_dim = 256
     model.dropout = 0.0
     model.num_queries = 50
+    if model.name == "co_deformable_detr":
+      # Co-DETR's auxiliary heads at this size: 50 positive queries per head and image, RPN
+      # anchors of 2 strides (16-25 px at stride 8), 1000 / 128 proposals, RoIs pooled with
+      # one sample per bin from stride 8 up to 112 px, FC 256, ATSS anchors of 2 strides.
+      model.aux_queries = 50
+      model.rpn_anchor_scale = 2.0
+      model.rpn_train_pre_nms = 1000
+      model.rpn_train_post_nms = 128
+      model.roi_sampling_ratio = 1
+      model.finest_scale = 56.0
+      model.fc_channels = 256
+      model.atss_anchor_scale = 2.0
   elif family == "two_stage":
     model.fpn_channels = 64
     # P2-P6 (strides 4-64) with anchors of 16 px at stride 4 .. 256 px at stride 64, RoIs of
@@ -141,7 +153,7 @@ COCO_RECIPES = ("retinanet_focal", "retinanet_focal_giou", "retinanet_ap", "reti
                 "faster_rcnn_ce_giou", "faster_rcnn_rs", "faster_rcnn_brs", "faster_rcnn_alrp",
                 "faster_rcnn_pap", "cascade_rcnn_rs", "cascade_rcnn_brs",
                 "deformable_detr_focal", "deformable_detr_rs", "deformable_detr_brs",
-                "deformable_detr_pap")
+                "deformable_detr_pap", "co_detr_focal", "rs_detr", "brs_detr")
 
 
 def coco_base(*, source: str = "coco_folder") -> ConfigDict:
@@ -229,6 +241,26 @@ def deformable_detr_base(recipe: str) -> ConfigDict:
   c.train.num_epochs = 50
   c.eval.score_threshold = 0.0
   c.eval.max_detections = 100
+  return c
+
+
+def co_detr_base(recipe: str) -> ConfigDict:
+  """:func:`deformable_detr_base` of a Co-DETR ``recipe`` ('co_detr_focal', 'rs_detr',
+  'brs_detr') with Co-DETR's 1x schedule (Sense-X/Co-DETR ``co_deformable_detr_r50_1x_coco.py``,
+  2 images x 8 GPUs; the BR repo's BRS-DETR config, 4 images x 4 GPUs): AdamW 2e-4 at batch
+  16, weight decay 1e-4, x0.1 for the backbone, sampling offsets and reference points,
+  clipping 0.1, 12 epochs; Co-DETR x0.1 at epoch 11, BRS-DETR (and RS-DETR) x0.2 at 10 and
+  11."""
+  c = deformable_detr_base(recipe)
+  c.optimizer.lr_reference_batch_size = 16
+  c.train.batch_size = 16
+  c.train.num_epochs = 12
+  if recipe == "co_detr_focal":
+    c.optimizer.decay_epochs = (11,)
+    c.optimizer.decay_factor = 0.1
+  else:
+    c.optimizer.decay_epochs = (10, 11)
+    c.optimizer.decay_factor = 0.2
   return c
 
 

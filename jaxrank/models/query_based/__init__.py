@@ -1,9 +1,12 @@
 """The query-based family: Deformable DETR with focal, Rank & Sort, bucketed Rank & Sort and
-Parameterized AP set losses.
+Parameterized AP set losses, and Co-DETR / RS-DETR / BRS-DETR (Co-Deformable-DETR with
+auxiliary RPN + RoI and ATSS heads and their positive queries).
 
-``model.name`` 'deformable_detr'; ``loss.name`` one of :data:`LOSS_NAMES` (see
-:mod:`jaxrank.models.query_based.recipes`); published recipes :data:`RECIPE_NAMES`
-(``'detr_<loss>'``: box refinement and two-stage).
+``model.name`` 'deformable_detr' or 'co_deformable_detr'; ``loss.name`` one of
+:data:`LOSS_NAMES` (see :mod:`jaxrank.models.query_based.recipes` and
+:mod:`jaxrank.models.query_based.co_detr`); published recipes :data:`RECIPE_NAMES`
+(``'detr_<loss>'``: box refinement and two-stage; ``'co_detr_focal'``, ``'rs_detr'``,
+``'brs_detr'``).
 
 >>> import jax.numpy as jnp
 >>> from flax import nnx
@@ -18,7 +21,10 @@ Parameterized AP set losses.
 """
 
 from jaxrank.models.family import DetectorFamily, ranking_loss_config
+from jaxrank.models.query_based import co_detr, detector
+from jaxrank.models.query_based.co_detr import CoDeformableDETR
 from jaxrank.models.query_based.config import (
+  CO_DETR_LOSS_NAMES,
   DETECTORS,
   LOSS_NAMES,
   RECIPES,
@@ -27,29 +33,51 @@ from jaxrank.models.query_based.config import (
   QueryStatic,
   check_loss_config,
   check_model_config,
+  co_detr_loss_settings,
   default_loss_config,
   default_model_config,
   init_loss_state,
   recipe_model_config,
 )
-from jaxrank.models.query_based.detector import DeformableDETR, build_detector
+from jaxrank.models.query_based.detector import DeformableDETR
+from jaxrank.validation import ConfigError
 
-#: Published recipes: Deformable DETR (box refinement, two-stage) with every loss.
-RECIPE_NAMES = tuple(f"detr_{loss}" for loss in LOSS_NAMES)
+#: Co-DETR recipes: Co-Deformable-DETR with the loss of every head.
+CO_DETR_RECIPES = {"co_detr_focal": "focal", "rs_detr": "rank_sort",
+                   "brs_detr": "bucketed_rank_sort"}
+#: Published recipes: Deformable DETR (box refinement, two-stage) with every loss, and Co-DETR.
+RECIPE_NAMES = tuple(f"detr_{loss}" for loss in LOSS_NAMES) + tuple(CO_DETR_RECIPES)
 
 
 def recipe_config(name: str):
   """``(model_config, loss_config)`` of the published recipe ``name``."""
   if name not in RECIPE_NAMES:
     raise ValueError(f"unknown query-based recipe {name!r}; known: {RECIPE_NAMES}")
+  if name in CO_DETR_RECIPES:
+    loss_name = CO_DETR_RECIPES[name]
+    return default_model_config("co_deformable_detr"), default_loss_config(loss_name)
   loss_name = name[len("detr_"):]
   return recipe_model_config(loss_name), default_loss_config(loss_name)
 
 
+def build_detector(model_config, loss_config=None, *, rngs):
+  """A :class:`DeformableDETR` or :class:`CoDeformableDETR` (by ``model_config.name``);
+  loads ``model_config.pretrained`` (torchvision ResNet) if set."""
+  if model_config.name == "co_deformable_detr":
+    return co_detr.build_detector(model_config, loss_config, rngs=rngs)
+  return detector.build_detector(model_config, loss_config, rngs=rngs)
+
+
 def check_config(model_config, loss_config) -> None:
   """Checks the ``model`` and ``loss`` sections."""
-  check_model_config(model_config)
-  check_loss_config(loss_config)
+  static = check_model_config(model_config)
+  settings = check_loss_config(loss_config)
+  if static.aux is not None:
+    co_detr_loss_settings(settings)
+  elif settings.has_aux_weights:
+    raise ConfigError("config keys 'loss.aux_weight', 'loss.aux_rpn_weight' and "
+                      "'loss.aux_query_weight' must be None for a model without auxiliary "
+                      f"heads ({static.name!r})")
 
 
 FAMILY = DetectorFamily(
@@ -67,6 +95,9 @@ FAMILY = DetectorFamily(
 )
 
 __all__ = [
+    "CO_DETR_LOSS_NAMES",
+    "CO_DETR_RECIPES",
+    "CoDeformableDETR",
     "DETECTORS",
     "FAMILY",
     "LOSS_NAMES",

@@ -5,6 +5,7 @@ refinement and the two-stage variant."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,7 @@ from jaxrank.models.query_based.transformer import (
   split_key,
 )
 from jaxrank.models.resnet import build_backbone
+from jaxrank.validation import ConfigError
 
 DROPOUT_SEED = 0
 #: Prior probability of the class heads' initial bias (published: 0.01).
@@ -44,6 +46,18 @@ PRIOR_PROB = 0.01
 #: Stand-in for the published ``inf`` of invalid encoder proposals (in logit space: its
 #: sigmoid is exactly 1 in float32, and it keeps every gradient finite).
 INVALID_PROPOSAL = 1e4
+
+
+class LossInputs(NamedTuple):
+  """What the loss of a batch needs besides the network outputs: the dropout key (``None``
+  without dropout), gt boxes normalised to [0, 1] (xyxy), labels, mask, valid examples and the
+  PAP functions (``None`` unless PAP)."""
+  dropout_key: jax.Array | None
+  gt_boxes: jax.Array
+  gt_labels: jax.Array
+  gt_mask: jax.Array
+  valid: jax.Array
+  pap: object
 
 
 def cell_centers(spatial_shapes):
@@ -82,6 +96,10 @@ class DeformableDETR(nnx.Module):
     self._static = static
     self._loss = check_loss_config(default_loss_config() if loss_config is None
                                    else loss_config)
+    if static.aux is None and self._loss.has_aux_weights:
+      raise ConfigError("config keys 'loss.aux_weight', 'loss.aux_rpn_weight' and "
+                        "'loss.aux_query_weight' must be None for a model without auxiliary "
+                        f"heads ({static.name!r})")
     self.name = config.name
     self.num_classes = static.num_classes
     self.image_size = static.image_size
@@ -116,6 +134,8 @@ class DeformableDETR(nnx.Module):
       self.enc_output_norm = LayerNorm(c, dtype=dtype)
       self.pos_trans = Linear(2 * c, 2 * c, dtype=dtype, rngs=rngs)
       self.pos_trans_norm = LayerNorm(2 * c, dtype=dtype)
+      if static.mixed_selection:
+        self.query_embed = nnx.Param(normal_init(1.0)(rngs.params(), (static.num_queries, c)))
     else:
       self.query_embed = nnx.Param(normal_init(1.0)(rngs.params(), (static.num_queries, 2 * c)))
       self.reference_points = Linear(c, 2, dtype=dtype, rngs=rngs)
@@ -196,13 +216,14 @@ class DeformableDETR(nnx.Module):
 
   def __call__(self, images, key=None):
     """Head outputs: ``{'logits': [D, B, Q, K], 'boxes': [D, B, Q, 4]}`` (cx, cy, w, h in
-    [0, 1], float32) for the ``D`` decoder layers, and with ``two_stage`` the encoder
-    proposals' ``'enc_logits' [B, S, K]`` and ``'enc_boxes' [B, S, 4]``."""
+    [0, 1], float32) for the ``D`` decoder layers, the encoder ``'memory' [B, S, C]``, and with
+    ``two_stage`` the encoder proposals' ``'enc_logits' [B, S, K]`` and ``'enc_boxes'
+    [B, S, 4]``."""
     static = self._static
     keys = split_key(key, 2)
     memory = self.encode(images, keys[0])
     b, c, q = memory.shape[0], static.hidden_dim, static.num_queries
-    out = {}
+    out = {"memory": memory}
     if static.two_stage:
       enc_memory, proposals = self._encoder_proposals(memory)
       enc_cls, enc_box = self._head(static.decoder_layers)
@@ -215,19 +236,32 @@ class DeformableDETR(nnx.Module):
           jnp.take_along_axis(enc_unact, top[..., None], axis=1)))
       pos_tgt = self.pos_trans_norm(self.pos_trans(box_position_embedding(reference, c)))
       query_pos, tgt = pos_tgt[..., :c], pos_tgt[..., c:]
+      if static.mixed_selection:
+        tgt = jnp.broadcast_to(self.query_embed[...], (b, q, c)).astype(tgt.dtype)
     else:
       embed = jnp.broadcast_to(self.query_embed[...], (b, q, 2 * c)).astype(self.dtype)
       query_pos, tgt = embed[..., :c], embed[..., c:]
       reference = jax.nn.sigmoid(self.reference_points(query_pos).astype(jnp.float32))
+    out["logits"], out["boxes"] = self.decode(tgt, query_pos, reference, memory, keys[1])
+    return out
+
+  def decode(self, tgt, query_pos, reference, memory, key=None):
+    """``(logits [D, B, Q, K], boxes [D, B, Q, 4])`` of queries ``tgt`` / ``query_pos``
+    ``[B, Q, C]`` with reference points or boxes ``reference [B, Q, 2 | 4]`` in [0, 1] through
+    every decoder layer on ``memory [B, S, C]``."""
+    static = self._static
+    b, q = tgt.shape[:2]
     all_logits, all_boxes = [], []
+    previous = reference
     for index, (layer, layer_key) in enumerate(zip(self.decoder,
-                                                   split_key(keys[1], len(self.decoder)))):
+                                                   split_key(key, len(self.decoder)))):
       ref = jnp.broadcast_to(reference[:, :, None, :],
                              (b, q, static.num_levels, reference.shape[-1]))
       tgt = layer(tgt, query_pos, ref, memory, layer_key)
       cls_head, box_head = self._head(index)
       delta = box_head(tgt).astype(jnp.float32)
-      inv = inverse_sigmoid(reference)
+      # Look forward twice: refine the previous layer's boxes with their gradient.
+      inv = inverse_sigmoid(previous if static.look_forward_twice else reference)
       if reference.shape[-1] == 4:
         unact = delta + inv
       else:
@@ -237,9 +271,8 @@ class DeformableDETR(nnx.Module):
       all_boxes.append(boxes)
       if static.box_refine:
         reference = lax.stop_gradient(boxes)
-    out["logits"] = jnp.stack(all_logits)
-    out["boxes"] = jnp.stack(all_boxes)
-    return out
+        previous = boxes
+    return jnp.stack(all_logits), jnp.stack(all_boxes)
 
   # ---------------------------------------------------------------------------------------
   # Training.
@@ -253,14 +286,20 @@ class DeformableDETR(nnx.Module):
     (unweighted); ``aux_loss`` (the other layers and the encoder, weighted);
     ``num_positives`` (matched queries of the last layer, whole batch).
     """
+    inputs = self._loss_inputs(batch, loss_state)
+    out = self(batch["image"], inputs.dropout_key)
+    total, metrics = self._set_losses(out, inputs)
+    metrics["loss"] = total
+    return total, metrics, loss_state._replace(count=loss_state.count + 1)
+
+  def _loss_inputs(self, batch: dict, loss_state) -> LossInputs:
     settings, static = self._loss, self._static
     if not isinstance(loss_state, QueryLossState):
       raise ValueError("the query-based family needs loss_state = init_loss_state(...) "
                        "(a QueryLossState)")
     if settings.loss == "pap" and loss_state.pap is None:
       raise ValueError("PAP needs loss_state.pap (init_loss_state of a 'pap' loss config)")
-    images = batch["image"]
-    batch_size = images.shape[0]
+    batch_size = batch["image"].shape[0]
     if batch_size % settings.groups:
       raise ValueError(f"loss.ranking_groups={settings.groups} must divide the batch size "
                        f"{batch_size}")
@@ -271,27 +310,31 @@ class DeformableDETR(nnx.Module):
     gt_mask = jnp.asarray(batch["box_mask"], bool) & valid[:, None]
     gt_boxes = jnp.asarray(batch["boxes"], jnp.float32) / static.image_size
     gt_labels = jnp.asarray(batch["labels"], jnp.int32)
-    out = self(images, key)
     pap = None if loss_state.pap is None else jax.tree.map(
         lambda x: jnp.asarray(x, jnp.float32), loss_state.pap)
+    return LossInputs(key, gt_boxes, gt_labels, gt_mask, valid, pap)
+
+  def _set_losses(self, out: dict, inputs: LossInputs):
+    """``(total, metrics)`` of the set losses of every decoder layer and the encoder."""
+    settings, static = self._loss, self._static
 
     def set_loss(logits, boxes, labels):
-      return recipes.set_loss(settings, logits, boxes, gt_boxes, labels, gt_mask, valid,
-                              pap_params=pap)
+      return recipes.set_loss(settings, logits, boxes, inputs.gt_boxes, labels, inputs.gt_mask,
+                              inputs.valid, pap_params=inputs.pap)
 
     # One set loss vmapped over the decoder layers: traced and compiled once.
-    layer_losses, layer_metrics = jax.vmap(lambda lg, bx: set_loss(lg, bx, gt_labels))(
+    layer_losses, layer_metrics = jax.vmap(lambda lg, bx: set_loss(lg, bx, inputs.gt_labels))(
         out["logits"], out["boxes"])
     total = jnp.sum(layer_losses)
     metrics = {k: v[-1] for k, v in layer_metrics.items()}
     metrics["aux_loss"] = total - layer_losses[-1]
     if static.two_stage:
-      enc_loss, _ = set_loss(out["enc_logits"], out["enc_boxes"], jnp.zeros_like(gt_labels))
+      enc_loss, _ = set_loss(out["enc_logits"], out["enc_boxes"],
+                             jnp.zeros_like(inputs.gt_labels))
       total = total + enc_loss
       metrics["aux_loss"] = metrics["aux_loss"] + enc_loss
       metrics["enc_loss"] = enc_loss
-    metrics["loss"] = total
-    return total, metrics, loss_state._replace(count=loss_state.count + 1)
+    return total, metrics
 
   # ---------------------------------------------------------------------------------------
   # Inference.

@@ -96,18 +96,36 @@ def set_loss(settings, logits, boxes, gt_boxes, gt_labels, gt_mask, valid, *, pa
   take = jax.vmap(lambda x, i: x[i])
   target_xyxy = take(gt_boxes, gt_index) if g else jnp.zeros((b, q, 4), jnp.float32)
   target_labels = take(gt_labels, gt_index) if g else jnp.zeros((b, q), jnp.int32)
+  num_boxes = jnp.maximum(jnp.sum(gt_mask), 1).astype(jnp.float32)
+  return assigned_loss(settings, logits, boxes, positive, target_xyxy, target_labels,
+                       jnp.broadcast_to(valid[:, None], (b, q)), num_boxes,
+                       max_positives_per_image=max(1, min(g, q)), pap_params=pap_params)
+
+
+def assigned_loss(settings, logits, boxes, positive, target_xyxy, target_labels, where,
+                  num_boxes, *, max_positives_per_image: int, pap_params=None):
+  """``(loss, metrics)`` of queries ``logits [B, Q, K]`` and ``boxes [B, Q, 4]`` (cxcywh in
+  [0, 1]) with a given assignment: ``positive [B, Q]`` queries have the targets
+  ``target_xyxy`` (xyxy in [0, 1]) and ``target_labels``; queries where ``where [B, Q]`` is
+  False are ignored; focal and box sums are divided by ``num_boxes``. Used by the Hungarian
+  set loss and by Co-DETR's positive queries (their auxiliary head's assignment)."""
+  logits = jnp.asarray(logits, jnp.float32)
+  boxes = jnp.asarray(boxes, jnp.float32)
+  b, q, k = logits.shape
+  positive = positive & where
   target_xyxy = jnp.where(positive[..., None], target_xyxy, 0.0)
   pred_xyxy = ops.box_cxcywh_to_xyxy(boxes)
   onehot = (target_labels[..., None] == jnp.arange(k)) & positive[..., None]
-  where = jnp.broadcast_to(valid[:, None, None], logits.shape)
+  where = jnp.broadcast_to(where[..., None], logits.shape)
   l1 = jnp.sum(losses.l1_loss(boxes, ops.box_xyxy_to_cxcywh(target_xyxy),
                               where=positive[..., None]), axis=-1)
   safe_target = jnp.where(positive[..., None], target_xyxy, pred_xyxy)
   giou = losses.giou_loss(pred_xyxy, lax.stop_gradient(safe_target), where=positive)
-  num_boxes = jnp.maximum(jnp.sum(gt_mask), 1).astype(jnp.float32)
   num_positives = jnp.sum(positive).astype(jnp.float32)
   metrics = {"num_positives": num_positives}
   name = settings.loss
+  groups = settings.groups
+  max_positives = (b // groups) * max_positives_per_image
   if name == "focal":
     focal = losses.sigmoid_focal_loss(logits, onehot.astype(jnp.float32),
                                       alpha=settings.focal_alpha, gamma=settings.focal_gamma,
@@ -119,8 +137,6 @@ def set_loss(settings, logits, boxes, gt_boxes, gt_labels, gt_mask, valid, *, pa
   elif name in RANKING:
     iou = ops.aligned_iou(lax.stop_gradient(pred_xyxy), safe_target)
     targets = jnp.where(onehot, iou[..., None], 0.0)
-    groups = settings.groups
-    max_positives = (b // groups) * max(1, min(g, q))
 
     def group_loss(lg, tg, wg, l1g, gioug, posg):
       cls = settings.cls_weight * RANKING[name](lg, tg, delta=settings.delta, where=wg,
@@ -140,8 +156,6 @@ def set_loss(settings, logits, boxes, gt_boxes, gt_labels, gt_mask, valid, *, pa
     scaled = losses.grad_scale(pred_xyxy, pap_params.grad_scale)
     quality = 1.0 - 0.5 * losses.giou_loss(scaled, lax.stop_gradient(safe_target))
     quality = jnp.broadcast_to(quality[..., None], logits.shape)
-    groups = settings.groups
-    max_positives = (b // groups) * max(1, min(g, q))
 
     def group_loss(lg, tg, qg, wg):
       return losses.parameterized_ap_loss(lg, tg, qg, pap_params, top_k=settings.pap_top_k,

@@ -241,113 +241,23 @@ class TwoStageDetector(nnx.Module):
     return loss, metrics, new_state
 
   def _rpn_loss(self, logits, deltas, gt_boxes, gt_mask, valid, key, alrp, pap):
-    settings, static = self._loss, self._static
-    anchors = jnp.asarray(static.anchors)
-    assign = functools.partial(ops.max_iou_assign, anchors, pos_iou=0.7, neg_iou=0.3,
-                               min_pos_iou=0.3, match_low_quality=True)
-    assignment = jax.vmap(assign)(gt_boxes, gt_mask)
-    inside = jnp.ones(anchors.shape[:1], bool)
-    if static.rpn_allowed_border >= 0:
-      border, size = static.rpn_allowed_border, static.image_size
-      inside = jnp.all((anchors[:, :2] >= -border) & (anchors[:, 2:] <= size + border), axis=1)
-    positive = assignment.positive & valid[:, None] & inside
-    ignored = (assignment.ignored | ~valid[:, None] | ~inside) & ~positive
-    target_boxes = jnp.where(positive[..., None],
-                             jax.vmap(ops.box_targets)(assignment._replace(positive=positive),
-                                                       gt_boxes), anchors)
-    pred_boxes = static.decode_rpn(deltas)
-    g = {"logits": logits, "deltas": deltas, "positive": positive, "ignored": ignored,
-         "pred_boxes": pred_boxes, "target_boxes": target_boxes,
-         "anchors": jnp.broadcast_to(anchors, deltas.shape)}
-    if settings.rpn_sampler == "random":
-      num, fraction = settings.rpn_samples
-      keys = jax.random.split(jax.random.fold_in(key, 0), logits.shape[0])
-      sample = functools.partial(ops.random_sample, num=num, pos_fraction=fraction)
-      index, kept, _ = jax.vmap(sample)(keys, positive, ~positive & ~ignored)
-      rows = jnp.arange(logits.shape[0])[:, None]
-      g["sampled"] = jnp.zeros(positive.shape, bool).at[rows, index].max(kept)
-    else:
-      g["sampled"] = ~ignored
-    g["iou"] = ops.aligned_iou(lax.stop_gradient(pred_boxes), target_boxes)
-    num_anchors = anchors.shape[0]
-    slots = min(settings.max_positives_per_image, num_anchors)
-    if settings.rpn_sampler == "random":
-      num, fraction = settings.rpn_samples
-      slots = max(1, min(slots, int(num * fraction)))
-    groups = settings.groups
-    fn = functools.partial(recipes.rpn_loss, settings, stds=static.rpn_box_stds,
-                           max_positives=(logits.shape[0] // groups) * slots,
-                           loss_state=None if alrp is None else alrp.rpn,
-                           pap_params=None if pap is None else pap[0])
-    totals, metrics = jax.vmap(fn)(_groups(g, groups))
-    weight = settings.rpn_weight
-    metrics = _mean_metrics(metrics)
-    metrics["num_positives"] = jnp.sum(positive).astype(jnp.float32)
-    return weight * jnp.mean(totals), metrics
+    static = self._static
+    return rpn_batch_loss(self._loss, logits, deltas, jnp.asarray(static.anchors), gt_boxes,
+                          gt_mask, valid, key, stds=static.rpn_box_stds,
+                          allowed_border=static.rpn_allowed_border, image_size=static.image_size,
+                          alrp_state=None if alrp is None else alrp.rpn,
+                          pap_params=None if pap is None else pap[0])
 
   def _stage_rois(self, stage, props, gt_boxes, gt_mask, key):
-    """The stage's RoIs and their :class:`~jaxrank.ops.Assignment` ``[B, R]``."""
-    settings, static = self._loss, self._static
-    if settings.rcnn_sampler == "all":
-      candidates = props
-      is_gt = jnp.zeros(props.valid.shape, bool)
-    else:
-      candidates = jax.vmap(ops.append_gt_boxes)(props, gt_boxes, gt_mask)
-      k = props.valid.shape[1]
-      is_gt = jnp.broadcast_to(jnp.arange(candidates.valid.shape[1]) >= k,
-                               candidates.valid.shape)
-    threshold = static.stage_iou_thresholds[stage]
-    assign = functools.partial(ops.max_iou_assign, pos_iou=threshold, neg_iou=threshold,
-                               min_pos_iou=threshold, match_low_quality=False)
-    assignment = jax.vmap(assign)(candidates.boxes, gt_boxes, gt_mask)
-    positive = assignment.positive & candidates.valid
-    assignment = assignment._replace(positive=positive, ignored=~candidates.valid)
-    rois = RoIs(candidates.boxes, candidates.valid, is_gt)
-    if settings.rcnn_sampler != "random":
-      return rois, assignment
-    num, fraction = settings.rcnn_samples
-    keys = jax.random.split(key, positive.shape[0])
-    sample = functools.partial(ops.random_sample, num=num, pos_fraction=fraction)
-    index, kept, _ = jax.vmap(sample)(keys, positive, ~positive & candidates.valid)
-    # Samples come first, padding last: with fewer candidates than ``num`` the slots past
-    # their count are padding.
-    slots = min(num, positive.shape[1])
-    index, kept = index[:, :slots], kept[:, :slots]
-    take = jax.vmap(lambda x, i: x[i])
-    rois = RoIs(take(rois.boxes, index), kept, take(rois.is_gt, index) & kept)
-    assignment = jax.tree.map(lambda x: take(x, index), assignment)
-    assignment = assignment._replace(positive=assignment.positive & kept,
-                                     ignored=~kept)
-    return rois, assignment
+    return stage_rois(self._loss, props, gt_boxes, gt_mask, key,
+                      iou_threshold=self._static.stage_iou_thresholds[stage])
 
   def _rcnn_loss(self, stage, rois, assignment, logits, deltas, gt_boxes, gt_labels, alrp_state,
                  pap):
-    settings, static = self._loss, self._static
-    positive = assignment.positive
-    labels = jax.vmap(lambda lab, m: lab[m] if lab.shape[0] else jnp.zeros_like(m))(
-        gt_labels, assignment.matched_gt)
-    if deltas.shape[-2] > 1:
-      deltas = jnp.take_along_axis(deltas, labels[..., None, None], axis=-2)
-    deltas = deltas[..., 0, :]
-    if pap is not None:
-      deltas = losses.grad_scale(deltas, pap[1].grad_scale)
-    target_boxes = jnp.where(positive[..., None],
-                             jax.vmap(ops.box_targets)(assignment, gt_boxes), rois.boxes)
-    pred_boxes = self.decode_stage(stage, rois.boxes, deltas)
-    g = {"logits": logits, "deltas": deltas, "rois": rois.boxes, "positive": positive,
-         "valid": rois.valid, "labels": labels, "pred_boxes": pred_boxes,
-         "target_boxes": target_boxes,
-         "iou": ops.aligned_iou(lax.stop_gradient(pred_boxes), target_boxes)}
-    groups = settings.groups
-    per_group = logits.shape[0] // groups
-    fn = functools.partial(recipes.rcnn_loss, settings, num_classes=self.num_classes,
-                           stds=static.stage_box_stds[stage],
-                           max_positives=per_group * logits.shape[1], loss_state=alrp_state,
+    return rcnn_batch_loss(self._loss, rois, assignment, logits, deltas, gt_boxes, gt_labels,
+                           num_classes=self.num_classes,
+                           stds=self._static.stage_box_stds[stage], alrp_state=alrp_state,
                            pap_params=None if pap is None else pap[1])
-    totals, metrics = jax.vmap(fn)(_groups(g, groups))
-    metrics = _mean_metrics(metrics)
-    metrics["num_positives"] = jnp.sum(positive).astype(jnp.float32)
-    return jnp.mean(totals), metrics
 
   # ---------------------------------------------------------------------------------------
   # Inference.
@@ -397,3 +307,124 @@ def build_detector(model_config: ml_collections.ConfigDict,
   if model_config.pretrained:
     load_torchvision_resnet(detector, model_config.pretrained)
   return detector
+
+
+def rpn_batch_loss(settings: LossSettings, logits, deltas, anchors, gt_boxes, gt_mask, valid, key,
+                   *, stds, allowed_border: float, image_size: int, alrp_state=None,
+                   pap_params=None):
+  """``(weighted loss, metrics)`` of an RPN's ``logits [B, A]`` and ``deltas [B, A, 4]`` on
+  ``anchors [A, 4]``: max-IoU assignment (0.7 / 0.3, low-quality matches), anchors farther
+  than ``allowed_border`` outside the image ignored (``< 0``: none), the recipe's sampler
+  (``key`` for the random one), :func:`jaxrank.models.two_stage.recipes.rpn_loss` per ranking
+  group, times ``settings.rpn_weight``. Metrics: ``cls_loss``, ``box_loss`` (group means),
+  ``num_positives`` (whole batch)."""
+  assign = functools.partial(ops.max_iou_assign, anchors, pos_iou=0.7, neg_iou=0.3,
+                             min_pos_iou=0.3, match_low_quality=True)
+  assignment = jax.vmap(assign)(gt_boxes, gt_mask)
+  inside = jnp.ones(anchors.shape[:1], bool)
+  if allowed_border >= 0:
+    inside = jnp.all((anchors[:, :2] >= -allowed_border)
+                     & (anchors[:, 2:] <= image_size + allowed_border), axis=1)
+  positive = assignment.positive & valid[:, None] & inside
+  ignored = (assignment.ignored | ~valid[:, None] | ~inside) & ~positive
+  target_boxes = jnp.where(positive[..., None],
+                           jax.vmap(ops.box_targets)(assignment._replace(positive=positive),
+                                                     gt_boxes), anchors)
+  pred_boxes = ops.decode_boxes(anchors, deltas, stds=stds)
+  g = {"logits": logits, "deltas": deltas, "positive": positive, "ignored": ignored,
+       "pred_boxes": pred_boxes, "target_boxes": target_boxes,
+       "anchors": jnp.broadcast_to(anchors, deltas.shape)}
+  if settings.rpn_sampler == "random":
+    num, fraction = settings.rpn_samples
+    keys = jax.random.split(jax.random.fold_in(key, 0), logits.shape[0])
+    sample = functools.partial(ops.random_sample, num=num, pos_fraction=fraction)
+    index, kept, _ = jax.vmap(sample)(keys, positive, ~positive & ~ignored)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    g["sampled"] = jnp.zeros(positive.shape, bool).at[rows, index].max(kept)
+  else:
+    g["sampled"] = ~ignored
+  g["iou"] = ops.aligned_iou(lax.stop_gradient(pred_boxes), target_boxes)
+  slots = min(settings.max_positives_per_image, anchors.shape[0])
+  if settings.rpn_sampler == "random":
+    num, fraction = settings.rpn_samples
+    slots = max(1, min(slots, int(num * fraction)))
+  groups = settings.groups
+  fn = functools.partial(recipes.rpn_loss, settings, stds=stds,
+                         max_positives=(logits.shape[0] // groups) * slots,
+                         loss_state=alrp_state, pap_params=pap_params)
+  totals, metrics = jax.vmap(fn)(_groups(g, groups))
+  metrics = _mean_metrics(metrics)
+  metrics["num_positives"] = jnp.sum(positive).astype(jnp.float32)
+  return settings.rpn_weight * jnp.mean(totals), metrics
+
+
+def stage_rois(settings: LossSettings, props: ops.Proposals, gt_boxes, gt_mask, key, *,
+               iou_threshold: float):
+  """The RoIs ``[B, R]`` of an R-CNN stage and their :class:`~jaxrank.ops.Assignment`:
+  ``props`` with the ground truth appended (``rcnn_sampler`` 'all_with_gt' and 'random'),
+  max-IoU assignment at ``iou_threshold``, then the random sampler's RoIs (``key``) or all."""
+  if settings.rcnn_sampler == "all":
+    candidates = props
+    is_gt = jnp.zeros(props.valid.shape, bool)
+  else:
+    candidates = jax.vmap(ops.append_gt_boxes)(props, gt_boxes, gt_mask)
+    k = props.valid.shape[1]
+    is_gt = jnp.broadcast_to(jnp.arange(candidates.valid.shape[1]) >= k,
+                             candidates.valid.shape)
+  assign = functools.partial(ops.max_iou_assign, pos_iou=iou_threshold, neg_iou=iou_threshold,
+                             min_pos_iou=iou_threshold, match_low_quality=False)
+  assignment = jax.vmap(assign)(candidates.boxes, gt_boxes, gt_mask)
+  positive = assignment.positive & candidates.valid
+  assignment = assignment._replace(positive=positive, ignored=~candidates.valid)
+  rois = RoIs(candidates.boxes, candidates.valid, is_gt)
+  if settings.rcnn_sampler != "random":
+    return rois, assignment
+  num, fraction = settings.rcnn_samples
+  keys = jax.random.split(key, positive.shape[0])
+  sample = functools.partial(ops.random_sample, num=num, pos_fraction=fraction)
+  index, kept, _ = jax.vmap(sample)(keys, positive, ~positive & candidates.valid)
+  # Samples come first, padding last: with fewer candidates than ``num`` the slots past
+  # their count are padding.
+  slots = min(num, positive.shape[1])
+  index, kept = index[:, :slots], kept[:, :slots]
+  take = jax.vmap(lambda x, i: x[i])
+  rois = RoIs(take(rois.boxes, index), kept, take(rois.is_gt, index) & kept)
+  assignment = jax.tree.map(lambda x: take(x, index), assignment)
+  assignment = assignment._replace(positive=assignment.positive & kept, ignored=~kept)
+  return rois, assignment
+
+
+def roi_labels(assignment, gt_labels):
+  """``int32 [B, R]`` class of each RoI's matched ground truth (0 where there is none)."""
+  return jax.vmap(lambda lab, m: lab[m] if lab.shape[0] else jnp.zeros_like(m))(
+      gt_labels, assignment.matched_gt)
+
+
+def rcnn_batch_loss(settings: LossSettings, rois: RoIs, assignment, logits, deltas, gt_boxes,
+                    gt_labels, *, num_classes: int, stds, alrp_state=None, pap_params=None):
+  """``(loss, metrics)`` of an R-CNN stage's ``logits [B, R, L]`` and ``deltas [B, R, K, 4]``
+  on ``rois``: :func:`jaxrank.models.two_stage.recipes.rcnn_loss` per ranking group (deltas
+  of each RoI's gt class when class-specific; ``pap_params`` scale their gradient)."""
+  positive = assignment.positive
+  labels = roi_labels(assignment, gt_labels)
+  if deltas.shape[-2] > 1:
+    deltas = jnp.take_along_axis(deltas, labels[..., None, None], axis=-2)
+  deltas = deltas[..., 0, :]
+  if pap_params is not None:
+    deltas = losses.grad_scale(deltas, pap_params.grad_scale)
+  target_boxes = jnp.where(positive[..., None],
+                           jax.vmap(ops.box_targets)(assignment, gt_boxes), rois.boxes)
+  pred_boxes = ops.decode_boxes(rois.boxes, deltas, stds=stds)
+  g = {"logits": logits, "deltas": deltas, "rois": rois.boxes, "positive": positive,
+       "valid": rois.valid, "labels": labels, "pred_boxes": pred_boxes,
+       "target_boxes": target_boxes,
+       "iou": ops.aligned_iou(lax.stop_gradient(pred_boxes), target_boxes)}
+  groups = settings.groups
+  per_group = logits.shape[0] // groups
+  fn = functools.partial(recipes.rcnn_loss, settings, num_classes=num_classes, stds=stds,
+                         max_positives=per_group * logits.shape[1], loss_state=alrp_state,
+                         pap_params=pap_params)
+  totals, metrics = jax.vmap(fn)(_groups(g, groups))
+  metrics = _mean_metrics(metrics)
+  metrics["num_positives"] = jnp.sum(positive).astype(jnp.float32)
+  return jnp.mean(totals), metrics
