@@ -19,6 +19,15 @@ from jaxrank.losses._common import positive_indices
 
 import np_reference as ref
 
+#: The loss every fast-path test runs in the default suite; the others run with ``-m slow``
+#: (each case compiles several programs: the whole grid takes ~20 min of one CPU core).
+DEFAULT_LOSS = "rank_sort"
+
+
+def losses_slow_except(default=DEFAULT_LOSS):
+  """``LOSSES`` as parameters, all but ``default`` marked slow."""
+  return [pytest.param(n, marks=() if n == default else pytest.mark.slow) for n in LOSSES]
+
 
 def _searchsorted(values, queries):
   return np.asarray(jax.jit(lambda v, x: jnp.searchsorted(v, x, side="right",
@@ -56,7 +65,8 @@ def test_count_at_or_below_equals_searchsorted(name, values):
   assert np.all((nan >= 0) & (nan <= values.size))  # any count, but a valid index
 
 
-@pytest.mark.parametrize("n", [1, 127, 128, 129, 1000, 5000])
+@pytest.mark.parametrize("n", [1, 129, 5000] + [pytest.param(n, marks=pytest.mark.slow)
+                                                for n in (127, 128, 1000)])
 @pytest.mark.parametrize("fraction", [0.0, 0.005, 0.3, 1.0])
 @pytest.mark.parametrize("slots", [1, 8, 200, None])
 def test_positive_indices_equals_nonzero(n, fraction, slots):
@@ -114,7 +124,7 @@ def _assert_same(got, expected):
   np.testing.assert_allclose(np.asarray(grad) / scale, np.asarray(ref_grad) / scale, atol=2e-6)
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name", losses_slow_except())
 @pytest.mark.parametrize("p", [1, 5, 40])
 def test_unbounded_under_jit_equals_bounded(name, p):
   logits, targets = make_inputs(p, 3000, p)
@@ -122,7 +132,7 @@ def test_unbounded_under_jit_equals_bounded(name, p):
   _assert_same(value_and_grad(name, None)(logits, targets), bounded)  # few positives
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name", losses_slow_except())
 @pytest.mark.parametrize("case", ["plain", "ties", "below", "single", "all_positive"])
 def test_chunked_windows_equal_one_piece(name, case, small_chunks):
   p = {"single": 1, "all_positive": 0}.get(case, 37)
@@ -151,7 +161,7 @@ def _reference(name, logits, targets, delta):
   return ranking + sorting, grad
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name", losses_slow_except())
 @pytest.mark.parametrize("chunked", [False, True])
 def test_negatives_at_window_edges_match_reference(name, chunked, monkeypatch):
   """Negatives exactly at ``s_i ± δ`` and next to them: the bucket boundaries."""
@@ -173,8 +183,9 @@ def test_negatives_at_window_edges_match_reference(name, chunked, monkeypatch):
   assert np.abs(np.asarray(grad, np.float64) - ref_grad).max() <= 1e-4 * np.abs(ref_grad).max()
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", losses_slow_except())
+@pytest.mark.parametrize("bad", [np.nan, pytest.param(np.inf, marks=pytest.mark.slow),
+                                 pytest.param(-np.inf, marks=pytest.mark.slow)])
 def test_non_finite_logits_on_the_fast_paths(name, bad, small_chunks):
   logits, targets = make_inputs(6, 400, 20)
   negative = int(np.nonzero(targets == 0)[0][0])
@@ -195,7 +206,7 @@ def _with(array, index, value):
   return out
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name", losses_slow_except())
 def test_no_positives_on_the_fast_paths(name, small_chunks):
   logits, targets = make_inputs(8, 300, 1)
   targets = np.where(targets > 0, 0.0, targets).astype(np.float32)
