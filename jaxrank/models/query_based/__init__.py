@@ -33,6 +33,7 @@ from jaxrank.models.query_based.config import (
   QueryStatic,
   check_loss_config,
   check_model_config,
+  check_no_aux_weights,
   co_detr_loss_settings,
   default_loss_config,
   default_model_config,
@@ -40,7 +41,6 @@ from jaxrank.models.query_based.config import (
   recipe_model_config,
 )
 from jaxrank.models.query_based.detector import DeformableDETR
-from jaxrank.validation import ConfigError
 
 #: Co-DETR recipes: Co-Deformable-DETR with the loss of every head.
 CO_DETR_RECIPES = {"co_detr_focal": "focal", "rs_detr": "rank_sort",
@@ -74,10 +74,7 @@ def check_config(model_config, loss_config) -> None:
   settings = check_loss_config(loss_config)
   if static.aux is not None:
     co_detr_loss_settings(settings)
-  elif settings.has_aux_weights:
-    raise ConfigError("config keys 'loss.aux_weight', 'loss.aux_rpn_weight' and "
-                      "'loss.aux_query_weight' must be None for a model without auxiliary "
-                      f"heads ({static.name!r})")
+  check_no_aux_weights(static, settings)
 
 
 FAMILY = DetectorFamily(

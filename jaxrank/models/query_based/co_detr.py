@@ -254,8 +254,7 @@ class CoDeformableDETR(DeformableDETR):
     if settings.loss != "focal":
       iou = ops.aligned_iou(lax.stop_gradient(pred_boxes), target_boxes)
     targets = jax.vmap(lambda a, lab, t: ops.classification_targets(a, lab, k, iou_targets=t))(
-        assignment, gt_labels, iou) if iou is not None else jax.vmap(
-        lambda a, lab: ops.classification_targets(a, lab, k))(assignment, gt_labels)
+        assignment, gt_labels, iou)
     g = {"logits": logits, "positive": positive, "ignored": ignored, "targets": targets,
          "pred_boxes": pred_boxes, "target_boxes": target_boxes,
          "anchors": jnp.broadcast_to(anchors, pred_boxes.shape)}

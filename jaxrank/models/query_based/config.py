@@ -412,6 +412,14 @@ def check_loss_config(loss_config) -> LossSettings:
                       alpha, gamma, groups, top_k, *aux)
 
 
+def check_no_aux_weights(static: QueryStatic, settings: LossSettings) -> None:
+  """:class:`ConfigError` when ``loss.aux_*`` is set for a model without auxiliary heads."""
+  if static.aux is None and settings.has_aux_weights:
+    raise ConfigError("config keys 'loss.aux_weight', 'loss.aux_rpn_weight' and "
+                      "'loss.aux_query_weight' must be None for a model without auxiliary "
+                      f"heads ({static.name!r})")
+
+
 def co_detr_loss_settings(settings: LossSettings, loss_config_name: str = "loss") -> LossSettings:
   """``settings`` with Co-DETR's published auxiliary weights filled in (:class:`ConfigError`
   for a loss without auxiliary heads: ``pap``)."""

@@ -24,6 +24,7 @@ from jaxrank.models.query_based.config import (
   QueryStatic,
   check_loss_config,
   check_model_config,
+  check_no_aux_weights,
   default_loss_config,
 )
 from jaxrank.models.query_based.transformer import (
@@ -38,7 +39,6 @@ from jaxrank.models.query_based.transformer import (
   split_key,
 )
 from jaxrank.models.resnet import build_backbone
-from jaxrank.validation import ConfigError
 
 DROPOUT_SEED = 0
 #: Prior probability of the class heads' initial bias (published: 0.01).
@@ -96,10 +96,7 @@ class DeformableDETR(nnx.Module):
     self._static = static
     self._loss = check_loss_config(default_loss_config() if loss_config is None
                                    else loss_config)
-    if static.aux is None and self._loss.has_aux_weights:
-      raise ConfigError("config keys 'loss.aux_weight', 'loss.aux_rpn_weight' and "
-                        "'loss.aux_query_weight' must be None for a model without auxiliary "
-                        f"heads ({static.name!r})")
+    check_no_aux_weights(static, self._loss)
     self.name = config.name
     self.num_classes = static.num_classes
     self.image_size = static.image_size
