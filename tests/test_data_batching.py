@@ -1,7 +1,8 @@
-"""Tests of transforms, batching, sharding and prefetch."""
+"""Tests of transforms, batching, sharding and the Grain pipeline (loader processes, state)."""
 
 import logging
-import threading
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -14,9 +15,14 @@ from jaxrank.data import (
   iterate_batches,
   iterate_epochs,
   make_synthetic_dataset,
+  normalize_images,
   num_batches,
   transforms,
 )
+
+# Batches of the thread-pool pipeline this Grain pipeline replaced (commit 7f07d75), for the
+# dataset and settings of test_same_batches_as_before_grain.
+BEFORE_GRAIN = os.path.join(os.path.dirname(__file__), "data", "batches_before_grain.npz")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,9 @@ def test_batch_shapes_padding_and_masks(synth):
   batches = list(iterate_batches(synth, batch_size=4, image_size=32, max_boxes=8, shuffle=False))
   assert len(batches) == 3
   b = batches[-1]
-  assert b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.float32
+  assert b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.uint8
+  assert b["image_hw"].dtype == np.int32
+  np.testing.assert_array_equal(b["image_hw"], [[32, 32], [32, 32], [0, 0], [0, 0]])
   assert b["boxes"].shape == (4, 8, 4) and b["boxes"].dtype == np.float32
   assert b["labels"].dtype == np.int32 and b["box_mask"].dtype == bool
   assert b["image_id"].dtype == np.int32 and b["scale"].dtype == np.float32
@@ -68,12 +76,15 @@ def test_batch_shapes_padding_and_masks(synth):
 def test_resize_keeps_aspect_and_pads():
   image = np.full((20, 40, 3), 200, np.uint8)
   ds = _manual_dataset([image], [[[4, 2, 20, 18]]], [[1]])
-  (b,) = iterate_batches(ds, batch_size=1, image_size=16, max_boxes=3, shuffle=False, prefetch=0)
+  (b,) = iterate_batches(ds, batch_size=1, image_size=16, max_boxes=3, shuffle=False)
   assert b["scale"][0] == pytest.approx(0.4)
   np.testing.assert_allclose(b["boxes"][0, 0], [1.6, 0.8, 8.0, 7.2], rtol=1e-6)
+  np.testing.assert_array_equal(b["image_hw"][0], [8, 16])
+  assert np.all(b["image"][0, :8] == 200) and np.all(b["image"][0, 8:] == 0)
+  image = np.asarray(normalize_images(b["image"], b["image_hw"]))
   expected = np.broadcast_to((200 - IMAGENET_MEAN) / IMAGENET_STD, (8, 16, 3))
-  np.testing.assert_allclose(b["image"][0, :8], expected, rtol=1e-5)
-  assert np.all(b["image"][0, 8:] == 0)
+  np.testing.assert_allclose(image[0, :8], expected, rtol=1e-5)
+  assert image.dtype == np.float32 and np.all(image[0, 8:] == 0)
   orig = b["boxes"][0, 0] / b["scale"][0]
   np.testing.assert_allclose(orig, [4, 2, 20, 18], rtol=1e-5)
 
@@ -111,7 +122,7 @@ def test_ssd_augmentation_valid(synth):
     boxes = b["boxes"][b["box_mask"]]
     assert np.all(boxes >= 0) and np.all(boxes <= 40)
     assert np.all(boxes[:, 2:] > boxes[:, :2])
-    assert np.all(np.isfinite(b["image"]))
+    assert b["image"].dtype == np.uint8 and np.all(b["image_hw"] <= 40)
   with pytest.raises(ValueError, match="augmentation"):
     iterate_batches(synth, batch_size=2, image_size=40, max_boxes=8, augment="mosaic")
 
@@ -147,40 +158,82 @@ def test_order_deterministic_per_seed_and_epoch(synth):
 
   assert ids(seed=1, epoch=0) == ids(seed=1, epoch=0)
   assert ids(seed=1, epoch=0) != ids(seed=1, epoch=1)
-  a = list(iterate_batches(synth, batch_size=3, image_size=24, max_boxes=8, augment="ssd", seed=1))
-  b = list(iterate_batches(synth, batch_size=3, image_size=24, max_boxes=8, augment="ssd", seed=1,
-                           prefetch=0, num_workers=1))
-  for x, y in zip(a, b):
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
   epochs = list(iterate_epochs(synth, num_epochs=2, batch_size=5, image_size=24, max_boxes=8))
   assert len(epochs) == 4
 
 
-def test_prefetch_terminates_and_closes(synth):
-  before = threading.active_count()
-  it = iterate_batches(synth, batch_size=1, image_size=24, max_boxes=8, prefetch=2)
+def _assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert sorted(x) == sorted(y)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_same_batches_as_before_grain(synth):
+  """Order, sharding, augmentation, padding and the normalised images of the thread-pool
+  pipeline that Grain replaced, over three epochs of a shard and an evaluation pass."""
+  ref = np.load(BEFORE_GRAIN)
+  kw = dict(batch_size=2, image_size=32, max_boxes=6, augment="ssd", seed=7, drop_remainder=True,
+            shard_index=1, shard_count=2)
+  runs = {
+    "train": list(iterate_epochs(synth, num_epochs=3, **kw)),
+    "eval": list(iterate_batches(synth, batch_size=4, image_size=32, max_boxes=6,
+                                 shuffle=False)),
+  }
+  for name, batches in runs.items():
+    assert len(batches) == len({key.split("/")[1] for key in ref if key.startswith(name)})
+    for i, b in enumerate(batches):
+      for key in ("boxes", "labels", "box_mask", "image_id", "scale", "valid"):
+        np.testing.assert_array_equal(b[key], ref[f"{name}/{i}/{key}"], err_msg=f"{name} {key}")
+      np.testing.assert_allclose(np.asarray(normalize_images(b["image"], b["image_hw"])),
+                                 ref[f"{name}/{i}/image"], rtol=1e-6, atol=1e-6)
+
+
+def test_loader_processes_give_the_in_process_batches_and_state_resumes(synth):
+  kw = dict(batch_size=3, image_size=24, max_boxes=8, augment="ssd", seed=1, num_epochs=3,
+            drop_remainder=True)
+  plain = list(iterate_batches(synth, **kw))
+  assert len(plain) == 9
+  with iterate_batches(synth, num_workers=2, prefetch=1, **kw) as it:
+    first = [next(it) for _ in range(4)]
+    state = it.get_state()
+  assert state == {"next_batch": 4}
+  _assert_same_batches(plain[:4], first)
+  # Resumed from the state (mid-epoch), with another number of loader processes.
+  with iterate_batches(synth, num_workers=1, start_batch=state["next_batch"], **kw) as it:
+    _assert_same_batches(plain[4:], list(it))
+  assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+def test_closing_stops_the_loader_processes(synth):
+  it = iterate_batches(synth, batch_size=1, image_size=24, max_boxes=8, num_workers=2)
   assert len(it) == 10
   next(it)
+  assert len(multiprocessing.active_children()) >= 2
   it.close()
-  assert not it._thread.is_alive()
   with pytest.raises(StopIteration):
     next(it)
+  assert not [p for p in multiprocessing.active_children() if p.is_alive()]
   with iterate_batches(synth, batch_size=4, image_size=24, max_boxes=8) as it:
     assert len(list(it)) == 3
-  assert threading.active_count() <= before
 
 
-def test_loader_error_propagates(synth):
-  class Broken(DetectionDataset):
-    def load(self, index):
-      if index == 3:
-        raise RuntimeError("bad example 3")
-      return super().load(index)
-
-  ds = Broken(synth.records, synth.coco, label_to_category_id=synth.label_to_category_id,
-              class_names=synth.class_names)
-  it = iterate_batches(ds, batch_size=2, image_size=24, max_boxes=8, shuffle=False)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_error_propagates(synth, num_workers):
+  ds = _Broken(synth.records, synth.coco, label_to_category_id=synth.label_to_category_id,
+               class_names=synth.class_names)
   with pytest.raises(RuntimeError, match="bad example 3"):
-    list(it)
-  assert not it._thread.is_alive()
+    with iterate_batches(ds, batch_size=2, image_size=24, max_boxes=8, shuffle=False,
+                         num_workers=num_workers) as it:
+      list(it)
+  assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+class _Broken(DetectionDataset):
+  """Fails on example 3 (module level: loader processes unpickle it)."""
+
+  def load(self, index):
+    if index == 3:
+      raise RuntimeError("bad example 3")
+    return super().load(index)

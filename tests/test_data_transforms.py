@@ -6,6 +6,7 @@ import pytest
 from jaxrank.data import (
   IMAGENET_MEAN,
   IMAGENET_STD,
+  normalize_images,
   prepare_example,
   prepare_image_for_inference,
 )
@@ -36,7 +37,8 @@ def test_same_as_evaluation_pipeline():
   prepared, scale = prepare_image_for_inference(image, 64)
   example, _ = prepare_example({"image": image, "boxes": box, "labels": [0], "image_id": 1},
                                image_size=64, max_boxes=2)
-  np.testing.assert_array_equal(prepared, example["image"])
+  batch_image = normalize_images(example["image"][None], example["image_hw"][None])[0]
+  np.testing.assert_allclose(prepared, np.asarray(batch_image), rtol=1e-6, atol=1e-6)
   assert np.float32(scale) == example["scale"]
   np.testing.assert_allclose(example["boxes"][0] / scale, box[0], atol=1e-3)
 

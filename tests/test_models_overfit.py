@@ -15,12 +15,19 @@ SIZE = 96
 STEPS = 400
 
 
+def _model_batch(batches):
+  """The first batch with the detectors' normalised float images."""
+  batch = dict(next(iter(batches)))
+  batch["image"] = np.asarray(data.normalize_images(batch.pop("image"), batch.pop("image_hw")))
+  return batch
+
+
 def overfit(name, *, steps=STEPS, lr=1e-3, num_images=2, seed=0):
   """Trains on one fixed batch with Adam; returns (first loss, last loss, COCO metrics)."""
   dataset = data.make_synthetic_dataset(num_images, image_size=SIZE, num_classes=3,
                                         max_objects=3, min_size=24, seed=seed)
-  batch = next(iter(data.iterate_batches(dataset, batch_size=num_images, image_size=SIZE,
-                                         max_boxes=4, shuffle=False, prefetch=0)))
+  batch = _model_batch(data.iterate_batches(dataset, batch_size=num_images, image_size=SIZE,
+                                            max_boxes=4, shuffle=False))
   model_config = dense.recipe_model_config(name)
   model_config.update(backbone="tiny", image_size=SIZE, num_classes=3, fpn_channels=32,
                       head_channels=32, head_convs=2, frozen_stages=-1)
@@ -107,8 +114,8 @@ def overfit_detector(model_config, loss_config, *, steps, lr, seed):
   """Trains a detector of the interface on two fixed images; (losses, COCO metrics)."""
   dataset = data.make_synthetic_dataset(2, image_size=SIZE, num_classes=3, max_objects=3,
                                         min_size=24, seed=seed)
-  batch = next(iter(data.iterate_batches(dataset, batch_size=2, image_size=SIZE, max_boxes=4,
-                                         shuffle=False, prefetch=0)))
+  batch = _model_batch(data.iterate_batches(dataset, batch_size=2, image_size=SIZE, max_boxes=4,
+                                            shuffle=False))
   detector = models.build_detector(model_config, loss_config, rngs=nnx.Rngs(seed))
   graphdef, params, rest = nnx.split(detector, nnx.Param, ...)
   tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, 20, steps, 0.05 * lr))

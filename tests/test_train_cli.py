@@ -70,26 +70,59 @@ _LONG = dict(train__checkpoint_every=3, optimizer__decay_steps=(), train__log_ev
              train__keep_checkpoints=20)
 
 
+def _children(pid: int) -> list[int]:
+  """Processes whose parent is ``pid`` (Linux /proc)."""
+  out = []
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/status") as f:
+        if f"PPid:\t{pid}\n" in f.read():
+          out.append(int(entry))
+    except (OSError, ValueError):
+      pass
+  return out
+
+
+def _running(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      return "State:\tZ" not in f.read()
+  except OSError:
+    return False
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, jax_cache):
+  """Killed with 2 loader processes, resumed with 1, equal to an uninterrupted in-process run;
+  the killed run's loader processes exit."""
   from jaxrank.train import trainer
 
   ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
   proc = subprocess.Popen(
-    train_cmd("--workdir", killed, *tiny_overrides(train__num_steps=100000, **_LONG)),
+    train_cmd("--workdir", killed, *tiny_overrides(train__num_steps=100000,
+                                                   data__num_workers=2, **_LONG)),
     cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  loaders = []
   try:
     started = _wait_for(lambda: 3 in checkpoint_steps(killed), proc)
     assert started, proc.stderr.read()[-3000:] if proc.poll() is not None else "timeout"
+    loaders = [pid for pid in _children(proc.pid)
+               if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
   finally:
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == -signal.SIGKILL
+  assert len(loaders) >= 2
+  deadline = time.time() + 30
+  while any(_running(pid) for pid in loaders) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not any(_running(pid) for pid in loaders), "loader processes outlived the killed run"
   steps = checkpoint_steps(killed)
   assert steps and max(steps) < 30
   # Resume to step 30, and compare with a run of 30 uninterrupted steps.
-  resumed = run(train_cmd("--workdir", killed, *tiny_overrides(train__num_steps=30, **_LONG)))
+  resumed = run(train_cmd("--workdir", killed, *tiny_overrides(train__num_steps=30,
+                                                                data__num_workers=1, **_LONG)))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from checkpoint step" in resumed.stderr
   trainer.train(tiny_config(train__num_steps=30, **_LONG), ref)  # uninterrupted, in-process

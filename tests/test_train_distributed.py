@@ -37,7 +37,8 @@ _STEP_SCRIPT = textwrap.dedent("""
   assert jax.device_count() == 8, jax.devices()
   base = tiny_config(loss, train__ranking="per_device" if ranking != "global" else "global")
   train_ds, _ = input_pipeline.build_datasets(base.data)
-  with input_pipeline.train_batches(train_ds, base.data, per_host_batch=8, epoch=0) as it:
+  with input_pipeline.train_batches(train_ds, base.data, per_host_batch=8, start_step=0,
+                                    num_steps=2) as it:
     batches = [next(it), next(it)]
   out = {{}}
   for n in (1, 8):
@@ -122,7 +123,7 @@ def test_two_processes_give_the_one_process_result(tmp_path, jax_cache):
   """2 processes x 1 CPU device, each reading half of every batch == 1 process."""
   from jaxrank.train import trainer
 
-  args = tiny_overrides(train__num_steps=4, train__checkpoint_every=2)
+  args = tiny_overrides(train__num_steps=4, train__checkpoint_every=2, data__num_workers=1)
   single = str(tmp_path / "single")
   trainer.train(tiny_config(train__num_steps=4, train__checkpoint_every=2), single)
 

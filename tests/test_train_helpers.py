@@ -22,7 +22,7 @@ TINY = {
   "data.max_objects": 3,
   "data.min_object_size": 10,
   "data.max_boxes": 8,
-  "data.num_workers": 1,
+  "data.num_workers": 0,
   "model.fpn_channels": 16,
   "model.head_channels": 16,
   "model.head_convs": 1,

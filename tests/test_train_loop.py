@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 
 import jax.numpy as jnp
@@ -170,10 +171,11 @@ def test_bad_boxes_and_images_without_annotations_train_fine(tmp_path, caplog):
 def test_corrupt_image_raises_naming_the_file(tmp_path):
   img_dir, ann = make_coco_folder(str(tmp_path / "coco"), num_images=8, corrupt=1,
                                   bad_boxes=False, empty_images=0)
-  # 9 images, batch 8: the corrupt one is read in the first two epochs.
-  config = _coco_config(img_dir, ann, train__num_steps=2)
+  # 9 images, batch 4: the corrupt one is read in the first two epochs, by a loader process.
+  config = _coco_config(img_dir, ann, train__num_steps=4, data__num_workers=2)
   with pytest.raises(CorruptImageError, match="corrupt_0.jpg"):
     trainer.train(config, str(tmp_path / "run"))
+  assert not [p for p in multiprocessing.active_children() if p.is_alive()]
 
 
 def test_corrupt_image_skipped_with_on_corrupt_skip(tmp_path, caplog):

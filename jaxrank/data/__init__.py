@@ -16,6 +16,7 @@ from jaxrank.data.synthetic import SHAPE_NAMES, make_synthetic_dataset, syntheti
 from jaxrank.data.transforms import (
   IMAGENET_MEAN,
   IMAGENET_STD,
+  normalize_images,
   prepare_image_for_inference,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
   "load_coco_folder",
   "load_tfds_coco",
   "make_synthetic_dataset",
+  "normalize_images",
   "num_batches",
   "padding_example",
   "prepare_example",

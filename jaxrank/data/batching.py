@@ -1,9 +1,11 @@
-"""Fixed-shape batches with sharding across hosts and background prefetch.
+"""Fixed-shape batches on Grain: worker processes, sharding across hosts, resumable.
 
 A batch is a dict of numpy arrays:
 
-* ``image`` float32 ``[B, S, S, 3]``: ImageNet-normalised, resized to fit ``S x S``
-  keeping the aspect ratio, zero-padded at the bottom/right;
+* ``image`` uint8 ``[B, S, S, 3]``: RGB resized to fit ``S x S`` keeping the aspect ratio,
+  zero-padded at the bottom/right (:func:`jaxrank.data.normalize_images` turns it into the
+  detectors' float input, inside the jitted step);
+* ``image_hw`` int32 ``[B, 2]``: height and width of the image inside the padding;
 * ``boxes`` float32 ``[B, M, 4]``: xyxy in the resized image's pixels, zero padding;
 * ``labels`` int32 ``[B, M]``: ``0..C-1``, ``-1`` padding;
 * ``box_mask`` bool ``[B, M]``;
@@ -13,20 +15,25 @@ A batch is a dict of numpy arrays:
 
 Order depends only on ``(seed, epoch)``; every host draws the same global permutation
 and takes every ``shard_count``-th example from ``shard_index``, so hosts read disjoint
-examples and yield the same number of batches.
+examples and yield the same number of batches. Augmentation randomness comes from
+``(seed, epoch, example index)``. A batch is therefore a function of its position in the
+stream, whatever the number of loader processes: :class:`BatchIterator` is a Grain pipeline
+(``grain.MapDataset`` of example positions, mapped, batched, prefetched by
+``num_workers`` processes) whose state is the position of its next batch.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import math
 import os
-import queue
+import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import grain
 import numpy as np
 
 from jaxrank.data import transforms
@@ -78,7 +85,8 @@ def prepare_example(
   out_labels = np.full((max_boxes,), -1, np.int32)
   out_labels[:n] = labels
   return {
-    "image": transforms.pad_and_normalize(image, image_size),
+    "image": transforms.pad_image(image, image_size),
+    "image_hw": np.array(image.shape[:2], np.int32),
     "boxes": out_boxes,
     "labels": out_labels,
     "box_mask": np.arange(max_boxes) < n,
@@ -91,7 +99,8 @@ def prepare_example(
 def padding_example(image_size: int, max_boxes: int) -> dict[str, np.ndarray]:
   """An all-padding example (``valid`` False, no boxes)."""
   return {
-    "image": np.zeros((image_size, image_size, 3), np.float32),
+    "image": np.zeros((image_size, image_size, 3), np.uint8),
+    "image_hw": np.zeros((2,), np.int32),
     "boxes": np.zeros((max_boxes, 4), np.float32),
     "labels": np.full((max_boxes,), -1, np.int32),
     "box_mask": np.zeros((max_boxes,), bool),
@@ -147,92 +156,135 @@ def num_batches(
   return math.ceil(math.ceil(num_examples / shard_count) / batch_size)
 
 
-_END = object()
+class StreamPositions(Sequence):
+  """``(epoch, example index)`` of every example slot of this host's batches
+  ``first_batch, first_batch + 1, ...`` (counted across epochs), ``index -1`` for padding.
+
+  The random-access source of the Grain pipeline: each process draws an epoch's order once
+  (:func:`epoch_batch_indices`) and keeps the latest.
+  """
+
+  def __init__(self, num_examples: int, *, batch_size: int, shuffle: bool, seed: int,
+               drop_remainder: bool, shard_index: int, shard_count: int, first_batch: int,
+               batch_count: int):
+    self.num_examples, self.batch_size, self.shuffle, self.seed = (
+      num_examples, batch_size, shuffle, seed)
+    self.drop_remainder, self.shard_index, self.shard_count = (
+      drop_remainder, shard_index, shard_count)
+    self.first_batch, self.batch_count = first_batch, batch_count
+    self.batches_per_epoch = num_batches(
+      num_examples, batch_size=batch_size, drop_remainder=drop_remainder,
+      shard_count=shard_count)
+    self._epoch, self._rows = -1, None
+
+  def rows(self, epoch: int) -> np.ndarray:
+    if epoch != self._epoch:
+      self._rows = epoch_batch_indices(
+        self.num_examples, batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed,
+        epoch=epoch, drop_remainder=self.drop_remainder, shard_index=self.shard_index,
+        shard_count=self.shard_count)
+      self._epoch = epoch
+    return self._rows
+
+  def __len__(self) -> int:
+    return self.batch_count * self.batch_size
+
+  def __getitem__(self, position: int) -> tuple[int, int]:
+    if not 0 <= position < len(self):
+      raise IndexError(f"example position {position} not in [0, {len(self)})")
+    batch, slot = divmod(position, self.batch_size)
+    epoch, row = divmod(self.first_batch + batch, self.batches_per_epoch)
+    return epoch, int(self.rows(epoch)[row, slot])
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, "_epoch": -1, "_rows": None}
 
 
-class _Failure:
-  def __init__(self, exc: BaseException):
-    self.exc = exc
+class ExampleLoader:
+  """``(epoch, index) -> example`` in batch format: the Grain map, run in the loader processes
+  (picklable: it holds the dataset and the settings only)."""
+
+  def __init__(self, dataset: DetectionDataset, *, image_size: int, max_boxes: int,
+               augment: str, seed: int):
+    self.dataset, self.image_size, self.max_boxes = dataset, image_size, max_boxes
+    self.augment, self.seed = augment, seed
+    self.warned = False
+
+  def __call__(self, position: tuple[int, int]) -> dict[str, np.ndarray]:
+    epoch, index = position
+    if index < 0:
+      return padding_example(self.image_size, self.max_boxes)
+    rng = None
+    if self.augment != "none":
+      rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(1, epoch, index)))
+    example, truncated = prepare_example(
+      self.dataset.load(index), image_size=self.image_size, max_boxes=self.max_boxes,
+      augment=self.augment, rng=rng)
+    if truncated and not self.warned:
+      self.warned = True
+      log.warning("image %d has more than max_boxes=%d boxes; keeping the largest (warned "
+                  "once per loader process)", int(example["image_id"]), self.max_boxes)
+    return example
 
 
-def _build(
-  row: np.ndarray,
-  make_example: Callable[[int], dict[str, np.ndarray]],
-  pool: concurrent.futures.Executor | None,
-) -> Batch:
-  if pool is None:
-    return collate([make_example(int(i)) for i in row])
-  return collate(list(pool.map(make_example, (int(i) for i in row))))
+def _absl_flags_parsed() -> None:
+  """Grain's loader processes read absl flags (their defaults here) and fail unless they are
+  parsed: outside an absl app, mark them parsed."""
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
-def _produce(
-  rows: np.ndarray,
-  make_example: Callable[[int], dict[str, np.ndarray]],
-  out: queue.Queue,
-  stop: threading.Event,
-  num_workers: int,
-) -> None:
-  """Fills ``out`` with batches then ``_END`` (or a ``_Failure``) until ``stop`` is set."""
+def loader_process_init(worker_index: int, worker_count: int) -> None:
+  """Grain ``worker_init_fn``: a loader process ignores Ctrl-C (the training process handles
+  it and then stops the loaders) and exits when the training process is gone (killed by
+  SIGKILL, say) instead of waiting for it forever."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  parent = os.getppid()
 
-  def put(item: Any) -> bool:
-    while not stop.is_set():
-      try:
-        out.put(item, timeout=0.05)
-        return True
-      except queue.Full:
-        pass
-    return False
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(0)
 
-  pool = (
-    concurrent.futures.ThreadPoolExecutor(num_workers, "jaxrank-load") if num_workers > 1 else None
-  )
-  try:
-    for row in rows:
-      if stop.is_set() or not put(_build(row, make_example, pool)):
-        return
-    put(_END)
-  except BaseException as e:  # re-raised in the consumer
-    put(_Failure(e))
-  finally:
-    if pool is not None:
-      pool.shutdown(wait=True, cancel_futures=True)
+  threading.Thread(target=watch, name="jaxrank-parent-watch", daemon=True).start()
 
 
 class BatchIterator:
-  """Iterator over one epoch's batches, built ``prefetch`` batches ahead by a
-  background thread (``prefetch=0``: built on demand in the caller's thread).
+  """Batches of a :class:`StreamPositions`, built by a Grain pipeline: in the calling thread
+  (``num_workers=0``, for debugging) or by ``num_workers`` processes, each ``prefetch``
+  batches ahead (round-robin, so the order does not depend on ``num_workers``).
 
-  Use as a context manager or call :meth:`close` to stop early; an abandoned iterator
-  stops its thread when garbage-collected.
+  :meth:`get_state` is ``{"next_batch": n}``, the stream position of the next batch; a
+  pipeline built from that position continues with exactly that batch, with any number of
+  workers. Use as a context manager or call :meth:`close` to stop the workers early.
   """
 
-  def __init__(
-    self,
-    batch_indices: np.ndarray,
-    make_example: Callable[[int], dict[str, np.ndarray]],
-    *,
-    prefetch: int = 2,
-    num_workers: int = 2,
-  ):
-    self._stop = threading.Event()
-    self._rows = batch_indices
-    self._make = make_example
-    self._position = 0
-    self._done = len(batch_indices) == 0
-    self._queue: queue.Queue | None = None
-    self._thread: threading.Thread | None = None
-    if prefetch > 0 and not self._done:
-      self._queue = queue.Queue(maxsize=prefetch)
-      self._thread = threading.Thread(
-        target=_produce,
-        args=(batch_indices, make_example, self._queue, self._stop, num_workers),
-        name="jaxrank-prefetch",
-        daemon=True,
-      )
-      self._thread.start()
+  def __init__(self, positions: StreamPositions, loader: ExampleLoader, *,
+               num_workers: int = 0, prefetch: int = 2):
+    if num_workers < 0 or prefetch < 0:
+      raise ValueError(f"num_workers and prefetch must be >= 0, got {num_workers}, {prefetch}")
+    self.positions = positions
+    self._next = positions.first_batch
+    self._left = positions.batch_count
+    dataset = grain.MapDataset.source(positions).map(loader).batch(
+      positions.batch_size, batch_fn=collate)
+    if num_workers == 0:
+      stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    else:
+      _absl_flags_parsed()
+      stream = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(1, prefetch))
+      ).mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)),
+        worker_init_fn=loader_process_init)
+    self._copy = num_workers > 0
+    self._iterator = iter(stream) if self._left else None
 
   def __len__(self) -> int:
-    return len(self._rows)
+    return self.positions.batch_count
 
   def __iter__(self) -> BatchIterator:
     return self
@@ -243,32 +295,33 @@ class BatchIterator:
   def __exit__(self, *exc) -> None:
     self.close()
 
-  def __del__(self):
-    self._stop.set()
-
   def __next__(self) -> Batch:
-    if self._done:
-      raise StopIteration
-    if self._queue is None:
-      batch = _build(self._rows[self._position], self._make, None)
-      self._position += 1
-      self._done = self._position == len(self._rows)
-      return batch
-    item = self._queue.get()
-    if item is _END:
+    if self._left == 0 or self._iterator is None:
       self.close()
       raise StopIteration
-    if isinstance(item, _Failure):
-      self.close()
-      raise item.exc
-    return item
+    batch = next(self._iterator)
+    if self._copy:  # plain arrays: the shared memory they came in is freed now
+      batch = {k: np.array(v) for k, v in batch.items()}
+    self._next += 1
+    self._left -= 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    """``{"next_batch": stream position of the next batch}``."""
+    return {"next_batch": self._next}
 
   def close(self) -> None:
-    """Stops the background thread and ends the iteration."""
-    self._done = True
-    self._stop.set()
-    if self._thread is not None:
-      self._thread.join()
+    """Stops the loader processes (if any) and ends the iteration."""
+    self._left = 0
+    iterator, self._iterator = self._iterator, None
+    if iterator is not None and hasattr(iterator, "close"):
+      iterator.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # interpreter shutdown
+      pass
 
 
 def iterate_batches(
@@ -280,15 +333,17 @@ def iterate_batches(
   shuffle: bool = True,
   seed: int = 0,
   epoch: int = 0,
+  num_epochs: int = 1,
   augment: bool | str | None = False,
   drop_remainder: bool = False,
   shard_index: int = 0,
   shard_count: int = 1,
+  num_workers: int = 0,
   prefetch: int = 2,
-  num_workers: int | None = None,
   start_batch: int = 0,
+  max_batches: int | None = None,
 ) -> BatchIterator:
-  """Batches of one epoch of this host's shard of ``dataset``.
+  """This host's share of ``dataset`` in batches, from batch ``start_batch`` of ``epoch`` on.
 
   Args:
     batch_size: examples per batch on this host.
@@ -296,61 +351,42 @@ def iterate_batches(
     max_boxes: ``M``; an image with more boxes keeps the ``M`` largest (warned once).
     shuffle, seed, epoch: the order is a permutation drawn from ``(seed, epoch)``;
       augmentation randomness comes from ``(seed, epoch, example index)``.
+    num_epochs: epochs in the stream (from ``epoch`` on).
     augment: False, True (= "flip") or "ssd".
-    drop_remainder: drop the last incomplete batch instead of padding it with
+    drop_remainder: drop each epoch's last incomplete batch instead of padding it with
       ``valid=False`` examples.
     shard_index, shard_count: this host's share.
-    prefetch: batches built ahead in a background thread (0: none).
-    num_workers: threads decoding and transforming examples (default: up to 4).
-    start_batch: skip the epoch's first batches (resuming mid-epoch gives the same batches).
+    num_workers: loader processes (0: the calling thread builds each batch on demand).
+    prefetch: batches each loader process prepares ahead.
+    start_batch: skip the stream's first batches (resuming mid-epoch gives the same batches).
+    max_batches: stop after this many batches (default: at the end of the last epoch).
   """
   mode = _augment_mode(augment)
   if mode not in transforms.AUGMENTATIONS:
     raise ValueError(
       f"unknown augmentation {augment!r}; expected one of {transforms.AUGMENTATIONS}"
     )
-  rows = epoch_batch_indices(
-    len(dataset),
-    batch_size=batch_size,
-    shuffle=shuffle,
-    seed=seed,
-    epoch=epoch,
-    drop_remainder=drop_remainder,
-    shard_index=shard_index,
-    shard_count=shard_count,
-  )[start_batch:]
-  warned = threading.Event()
-
-  def make_example(index: int) -> dict[str, np.ndarray]:
-    if index < 0:
-      return padding_example(image_size, max_boxes)
-    rng = None
-    if mode != "none":
-      rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, epoch, index)))
-    example, truncated = prepare_example(
-      dataset.load(index), image_size=image_size, max_boxes=max_boxes, augment=mode, rng=rng
-    )
-    if truncated and not warned.is_set():
-      warned.set()
-      log.warning(
-        "image %d has more than max_boxes=%d boxes; keeping the largest (warned once)",
-        int(example["image_id"]),
-        max_boxes,
-      )
-    return example
-
-  if num_workers is None:
-    num_workers = min(4, os.cpu_count() or 1)
-  return BatchIterator(rows, make_example, prefetch=prefetch, num_workers=num_workers)
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, shard_count={shard_count})")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  per_epoch = num_batches(len(dataset), batch_size=batch_size, drop_remainder=drop_remainder,
+                          shard_count=shard_count)
+  first = epoch * per_epoch + start_batch
+  available = max(0, (epoch + num_epochs) * per_epoch - first)
+  count = available if max_batches is None else min(int(max_batches), available)
+  positions = StreamPositions(
+    len(dataset), batch_size=batch_size, shuffle=shuffle, seed=seed,
+    drop_remainder=drop_remainder, shard_index=shard_index, shard_count=shard_count,
+    first_batch=first, batch_count=count)
+  loader = ExampleLoader(dataset, image_size=image_size, max_boxes=max_boxes, augment=mode,
+                         seed=seed)
+  return BatchIterator(positions, loader, num_workers=num_workers, prefetch=prefetch)
 
 
 def iterate_epochs(
-  dataset: DetectionDataset, *, start_epoch: int = 0, num_epochs: int | None = None, **kwargs
+  dataset: DetectionDataset, *, start_epoch: int = 0, num_epochs: int = 1, **kwargs
 ) -> Iterator[Batch]:
-  """Batches of consecutive epochs (forever if ``num_epochs`` is None); ``kwargs`` go to
-  :func:`iterate_batches`."""
-  epoch = start_epoch
-  while num_epochs is None or epoch < start_epoch + num_epochs:
-    with iterate_batches(dataset, epoch=epoch, **kwargs) as it:
-      yield from it
-    epoch += 1
+  """Batches of ``num_epochs`` consecutive epochs; ``kwargs`` go to :func:`iterate_batches`."""
+  with iterate_batches(dataset, epoch=start_epoch, num_epochs=num_epochs, **kwargs) as it:
+    yield from it

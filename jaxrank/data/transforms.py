@@ -1,6 +1,7 @@
 """Host-side (numpy + PIL) image and box transforms.
 
-Images are ``uint8 [H, W, 3]`` until :func:`pad_and_normalize`; boxes are float32
+Images are ``uint8 [H, W, 3]`` (batches keep them ``uint8``; :func:`normalize_images` makes
+the detectors' float input on the device); boxes are float32
 ``[n, 4]`` ``(x1, y1, x2, y2)`` in pixels. Every random transform takes a
 ``numpy.random.Generator`` and never modifies its inputs in place.
 """
@@ -52,6 +53,16 @@ def resize_to_fit(
   return image, np.asarray(boxes, np.float32) * np.float32(scale), float(scale)
 
 
+def pad_image(image: np.ndarray, image_size: int) -> np.ndarray:
+  """``uint8 [S, S, 3]``: ``image`` at the top left, zeros in the bottom/right padding."""
+  h, w = image.shape[:2]
+  if h > image_size or w > image_size:
+    raise ValueError(f"image {h}x{w} is larger than image_size {image_size}")
+  out = np.zeros((image_size, image_size, 3), np.uint8)
+  out[:h, :w] = image
+  return out
+
+
 def pad_and_normalize(image: np.ndarray, image_size: int) -> np.ndarray:
   """Float32 ``[S, S, 3]``: ``(image - mean) / std`` at the top left, zeros (the mean
   colour) in the bottom/right padding."""
@@ -61,6 +72,30 @@ def pad_and_normalize(image: np.ndarray, image_size: int) -> np.ndarray:
   out = np.zeros((image_size, image_size, 3), np.float32)
   out[:h, :w] = (image.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
   return out
+
+
+def normalize_images(images, image_hw):
+  """What the detectors take from a batch's ``uint8`` images: float32 ``[B, S, S, 3]``
+  ``(image - mean) / std`` inside each image's ``image_hw`` ``[B, 2]`` (height, width), zeros
+  (the mean colour) in the padding, as :func:`pad_and_normalize` gives one image.
+
+  ``jax.numpy``, for use inside a jitted step (the batches cross from the loader processes and
+  to the devices as ``uint8``, a quarter of the bytes). Float images are taken as already
+  normalised and returned as they are.
+  """
+  import jax.numpy as jnp
+
+  images = jnp.asarray(images)
+  if jnp.issubdtype(images.dtype, jnp.floating):
+    return images
+  if images.dtype != jnp.uint8:
+    raise TypeError(f"batch images must be uint8 pixels or normalised floats, got {images.dtype}")
+  size_h, size_w = images.shape[1:3]
+  hw = jnp.asarray(image_hw, jnp.int32)
+  inside = ((jnp.arange(size_h) < hw[:, :1])[:, :, None]
+            & (jnp.arange(size_w) < hw[:, 1:])[:, None, :])
+  normalized = (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
+  return jnp.where(inside[..., None], normalized, 0.0)
 
 
 def prepare_image_for_inference(image: np.ndarray, image_size: int) -> tuple[np.ndarray, float]:

@@ -176,6 +176,19 @@ class TinyBackbone(nnx.Module):
     return tuple(outs[self.first_output:])
 
 
+def backbone_input(images, dtype):
+  """Normalised float ``[B, H, W, 3]`` images cast to the backbone's ``dtype``.
+
+  Raises:
+    TypeError: integer images (a loader batch's ``uint8`` pixels): normalise them first with
+      :func:`jaxrank.data.normalize_images` (the trainer's steps do).
+  """
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise TypeError(f"detector images must be normalised floats, got {images.dtype}; "
+                    "normalise loader batches with jaxrank.data.normalize_images first")
+  return images.astype(dtype)
+
+
 def build_backbone(name: str, *, norm: str = "frozen_bn", frozen_stages: int = -1,
                    min_level: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
   """A backbone by name (see :data:`BACKBONES`) returning ``C{min_level}-C5`` (``min_level``

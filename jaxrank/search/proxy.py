@@ -134,14 +134,14 @@ class ProxyTrainer:
                   "last_loss": loss}
       return state, counters
 
-    def detect(params, rest, images):
-      return jax.vmap(self._detect, in_axes=(0, 0, None))(params, rest, images)
+    def detect(params, rest, images, image_hw):
+      return jax.vmap(self._detect, in_axes=(0, 0, None, None))(params, rest, images, image_hw)
 
     fns = (
         jax.jit(init, in_shardings=(repl, repl, split), out_shardings=split),
         jax.jit(train_step, in_shardings=(split, split, repl), out_shardings=(split, split),
                 donate_argnums=(0, 1)),
-        jax.jit(detect, in_shardings=(split, split, repl), out_shardings=split),
+        jax.jit(detect, in_shardings=(split, split, repl, repl), out_shardings=split),
         mesh,
     )
     self._compiled[k] = fns
@@ -187,22 +187,19 @@ class ProxyTrainer:
     bar = log_lib.progress_bar(total=self.num_steps, desc=desc, enabled=progress, leave=False)
     step = 0
     try:
-      for epoch in range(-(-self.num_steps // self.steps_per_epoch)):
-        with input_pipeline.train_batches(self.train_ds, self.config.data,
-                                          per_host_batch=int(self.config.train.batch_size),
-                                          epoch=epoch) as batches:
-          for batch in batches:
-            if step >= self.num_steps:
-              break
-            if should_stop is not None and should_stop():
-              raise Interrupted(f"stopped at proxy step {step}")
-            if step == tail_start:
-              tail = jax.tree.map(jnp.copy, counters)
-            state, counters = train_step(state, counters, batch)
-            step += 1
-            bar.update(1)
-            if step % 50 == 0 or step == self.num_steps:
-              bar.set_postfix(loss=f"{float(jnp.mean(counters['last_loss'])):.4f}")
+      with input_pipeline.train_batches(self.train_ds, self.config.data,
+                                        per_host_batch=int(self.config.train.batch_size),
+                                        start_step=0, num_steps=self.num_steps) as batches:
+        for batch in batches:
+          if should_stop is not None and should_stop():
+            raise Interrupted(f"stopped at proxy step {step}")
+          if step == tail_start:
+            tail = jax.tree.map(jnp.copy, counters)
+          state, counters = train_step(state, counters, batch)
+          step += 1
+          bar.update(1)
+          if step % 50 == 0 or step == self.num_steps:
+            bar.set_postfix(loss=f"{float(jnp.mean(counters['last_loss'])):.4f}")
     finally:
       bar.close()
     counters = jax.device_get(counters)
@@ -230,7 +227,7 @@ class ProxyTrainer:
     with input_pipeline.eval_batches(self.val_ds, self.config.data,
                                      per_host_batch=int(self.config.eval.batch_size)) as batches:
       for batch in batches:
-        det = jax.device_get(detect(params, rest, batch["image"]))
+        det = jax.device_get(detect(params, rest, batch["image"], batch["image_hw"]))
         for i in range(k):
           classes = np.where(det["valid"][i], det["classes"][i], -1)
           results[i].extend(evaluation.detections_to_coco_results(

@@ -4,8 +4,9 @@ A checkpoint ``<workdir>/checkpoints/<step>/`` holds two items:
 
 * ``state``: the training state pytree (parameters, other model variables, optimiser
   state, loss state), restored with the shardings of an abstract target;
-* ``meta``: JSON with the step, the data-iterator position (``epoch``,
-  ``batch_in_epoch``), ``steps_per_epoch`` and counters.
+* ``meta``: JSON with the step, the data-iterator state (``data``: ``next_batch``, the
+  training stream position of the next batch, and the layout it assumes), ``epoch``,
+  ``batch_in_epoch``, ``steps_per_epoch`` and counters.
 
 Orbax writes a step into a temporary directory and renames it when complete, so a run
 killed mid-save leaves no partial step behind. A step that exists but cannot be read

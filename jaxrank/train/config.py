@@ -71,8 +71,8 @@ def base_config() -> ConfigDict:
   c.data.train_split = "train"
   c.data.val_split = "validation"
   c.data.max_val_images = 0  # evaluate on the first N validation images (0: all).
-  c.data.num_workers = 0  # decoding threads per host (0: up to 4).
-  c.data.prefetch = 2  # batches prepared ahead.
+  c.data.num_workers = 2  # loader processes per host (0: in the training process, to debug).
+  c.data.prefetch = 2  # batches each loader process prepares ahead.
 
   c.model = models.default_model_config("retinanet")
   c.model.image_size = c.data.get_ref("image_size")

@@ -1,8 +1,9 @@
 """Datasets and batch iterators for training and evaluation, from the ``data`` config.
 
-Training batches are a deterministic function of ``(data.seed, epoch, batch index)``:
-:func:`train_batches` can start in the middle of an epoch, which is how a resumed run sees
-exactly the batches an uninterrupted run would have seen.
+Training batches are a deterministic function of ``(data.seed, step)``: :func:`train_batches`
+is one Grain pipeline over all the steps of a run, and a resumed run starts it at the saved
+iterator state (the position of the next batch), so it sees exactly the batches an
+uninterrupted run would have seen, with any ``data.num_workers``.
 """
 
 from __future__ import annotations
@@ -88,15 +89,18 @@ def train_batches(
   data_config,
   *,
   per_host_batch: int,
-  epoch: int,
-  start_batch: int = 0,
+  start_step: int,
+  num_steps: int,
   shard_index: int = 0,
   shard_count: int = 1,
 ) -> BatchIterator:
-  """This host's training batches of ``epoch`` from batch ``start_batch`` on: shuffled
-  by ``(data.seed, epoch)``, augmented with randomness from ``(data.seed, epoch, example)``,
-  incomplete last batch dropped (the same batches as :func:`jaxrank.data.iterate_batches`
-  with ``drop_remainder=True``)."""
+  """This host's training batches of steps ``start_step .. num_steps - 1``, across epochs:
+  shuffled by ``(data.seed, epoch)``, augmented with randomness from ``(data.seed, epoch,
+  example)``, each epoch's incomplete last batch dropped (the batches of
+  :func:`jaxrank.data.iterate_batches` with ``drop_remainder=True``), built by
+  ``data.num_workers`` loader processes."""
+  per_epoch = steps_per_epoch(dataset, per_host_batch, shard_count)
+  epoch, batch_in_epoch = divmod(start_step, per_epoch)
   return iterate_batches(
     dataset,
     batch_size=per_host_batch,
@@ -105,13 +109,15 @@ def train_batches(
     shuffle=True,
     seed=int(data_config.seed),
     epoch=epoch,
+    num_epochs=-(-num_steps // per_epoch) - epoch,
     augment=data_config.augment,
     drop_remainder=True,
     shard_index=shard_index,
     shard_count=shard_count,
+    num_workers=int(data_config.num_workers),
     prefetch=int(data_config.prefetch),
-    num_workers=int(data_config.num_workers) or None,
-    start_batch=start_batch,
+    start_batch=batch_in_epoch,
+    max_batches=max(0, num_steps - start_step),
   )
 
 
@@ -135,6 +141,6 @@ def eval_batches(
     drop_remainder=False,
     shard_index=shard_index,
     shard_count=shard_count,
+    num_workers=int(data_config.num_workers),
     prefetch=int(data_config.prefetch),
-    num_workers=int(data_config.num_workers) or None,
   )

@@ -110,7 +110,9 @@ def plot_pr_curve(pr_curve: Mapping[str, Any], path: str, *,
 
 
 def denormalize(image: np.ndarray) -> np.ndarray:
-  """uint8 RGB from a batch image normalised with the ImageNet mean/std."""
+  """uint8 RGB from a batch image: its pixels, or undone ImageNet mean/std normalisation."""
+  if np.asarray(image).dtype == np.uint8:
+    return np.asarray(image)
   return np.clip(np.asarray(image, np.float32) * IMAGENET_STD + IMAGENET_MEAN, 0, 255).astype(
     np.uint8)
 

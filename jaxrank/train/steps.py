@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from jaxrank import models
+from jaxrank.data import normalize_images
 from jaxrank.train import sharding as shard_lib
 from jaxrank.train.checkpoints import all_finite
 
@@ -78,6 +79,17 @@ def init_opt_state(tx, params, mesh, mode: str = "replicated"):
   return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
+def model_batch(batch: dict[str, Any]) -> dict[str, Any]:
+  """The detectors' batch from a loader batch: ``image`` normalised to float32 from its
+  ``uint8`` pixels and ``image_hw`` (:func:`jaxrank.data.normalize_images`; float images
+  pass unchanged)."""
+  if "image_hw" not in batch:
+    return batch
+  out = {k: v for k, v in batch.items() if k != "image_hw"}
+  out["image"] = normalize_images(batch["image"], batch["image_hw"])
+  return out
+
+
 def train_step_fn(graphdef, tx):
   """The pure ``step(state, batch) -> (state, metrics)`` (not jitted; see
   :func:`make_train_step`).
@@ -88,6 +100,8 @@ def train_step_fn(graphdef, tx):
   """
 
   def step(state, batch):
+    batch = model_batch(batch)
+
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state["rest"])
       loss, metrics, new_loss_state = model.loss(batch, state["loss_state"])
@@ -129,11 +143,14 @@ def make_train_step(graphdef, tx, mesh, *, donate: bool = True, state_shardings:
 
 
 def eval_step_fn(graphdef, eval_config):
-  """The pure ``detect(params, rest, images) -> {boxes, scores, classes, valid}`` with the
-  ``eval`` section's post-processing."""
+  """The pure ``detect(params, rest, images, image_hw=None) -> {boxes, scores, classes,
+  valid}`` with the ``eval`` section's post-processing; ``uint8`` images are normalised inside
+  their ``image_hw`` (see :func:`model_batch`)."""
 
-  def detect(params, rest, images):
+  def detect(params, rest, images, image_hw=None):
     model = nnx.merge(graphdef, params, rest)
+    if image_hw is not None:
+      images = normalize_images(images, image_hw)
     det = model.detect(
       images,
       score_threshold=float(eval_config.score_threshold),
@@ -154,5 +171,5 @@ def make_eval_step(graphdef, eval_config, mesh, *, param_shardings: Any = None,
   repl, data = shard_lib.replicated(mesh), shard_lib.data_sharded(mesh)
   params_sh = repl if param_shardings is None else param_shardings
   rest_sh = repl if rest_shardings is None else rest_shardings
-  return jax.jit(eval_step_fn(graphdef, eval_config), in_shardings=(params_sh, rest_sh, data),
-                 out_shardings=data)
+  return jax.jit(eval_step_fn(graphdef, eval_config),
+                 in_shardings=(params_sh, rest_sh, data, data), out_shardings=data)

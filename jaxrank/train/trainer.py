@@ -87,9 +87,9 @@ def run_evaluation(
   with it:
     for batch in it:
       gb = shard_lib.global_batch(
-        {k: batch[k] for k in ("image", "image_id", "scale", "valid")}, mesh
+        {k: batch[k] for k in ("image", "image_hw", "image_id", "scale", "valid")}, mesh
       )
-      det = detect_fn(params, rest, gb["image"])
+      det = detect_fn(params, rest, gb["image"], gb["image_hw"])
       host = shard_lib.to_host(
         {**det, "image_id": gb["image_id"], "scale": gb["scale"], "valid_image": gb["valid"]}
       )
@@ -130,6 +130,19 @@ def scalar_eval_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def default_workdir(config) -> str:
   return os.path.join("runs", f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _saved_data_position(meta: dict[str, Any], step: int, layout: dict[str, int]) -> int:
+  """The training stream position a checkpoint's data-iterator state continues from (its
+  step for checkpoints written before the state was saved), with a warning when the batches
+  at that position are no longer the interrupted run's."""
+  saved = meta.get("data") or {"next_batch": step, "steps_per_epoch": meta.get("steps_per_epoch")}
+  changed = [f"{key} {saved[key]} -> {value}" for key, value in layout.items()
+             if saved.get(key) is not None and int(saved[key]) != value]
+  if changed:
+    log.warning("the data layout changed since the checkpoint (%s); the batches from here on "
+                "differ from the interrupted run's", ", ".join(changed))
+  return int(saved["next_batch"])
 
 
 def resolve_config(config, *, num_devices: int, steps_per_epoch: int):
@@ -346,15 +359,15 @@ def train(config, workdir: str | None = None) -> TrainResult:
     checkpointer.close()
     raise
   skipped_total = 0
+  data_layout = {"steps_per_epoch": spe, "per_host_batch": per_host, "shard_count": n_proc,
+                 "seed": int(config.data.seed)}
   if restored is not None:
     start_step, state, meta = restored
     skipped_total = int(meta.get("skipped_steps", 0))
-    if int(meta.get("steps_per_epoch", spe)) != spe:
-      log.warning("steps per epoch changed from %s to %d since the checkpoint; the data "
-                  "order differs from the interrupted run", meta.get("steps_per_epoch"), spe)
+    data_position = _saved_data_position(meta, start_step, data_layout)
     log.info("resumed from checkpoint step %d", start_step)
   else:
-    start_step = 0
+    start_step = data_position = 0
     graphdef, init = steps_lib.init_state(config, mesh)
     opt_state = steps_lib.init_opt_state(tx, init["params"], mesh,
                                          steps_lib.param_sharding_mode(config))
@@ -387,6 +400,7 @@ def train(config, workdir: str | None = None) -> TrainResult:
   def meta_at(step: int) -> dict[str, Any]:
     epoch, batch_in_epoch = divmod(step, spe)
     return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "steps_per_epoch": spe,
+            "data": {**batches.get_state(), **data_layout},
             "skipped_steps": window.skipped_total, "config_name": config.name,
             "global_batch_size": batch_size}
 
@@ -439,61 +453,58 @@ def train(config, workdir: str | None = None) -> TrainResult:
 
   try:
     with ckpt_lib.TerminationRequest((signal.SIGTERM, signal.SIGINT)) as term:
-      epoch, batch_in_epoch = divmod(step, spe)
       t_loop = time.time()
-      while step < total_steps:
-        it = input_pipeline.train_batches(
-          train_ds, config.data, per_host_batch=per_host, epoch=epoch,
-          start_batch=batch_in_epoch, shard_index=proc, shard_count=n_proc,
-        )
-        with it:
-          for batch in it:
-            gb = shard_lib.global_batch(batch, mesh)
-            state, metrics = train_step(state, gb)
-            step += 1
-            window.add(step, metrics)
-            bar.update(1)
-            must_check = nan_policy == "stop" or (max_skips > 0 and window.consecutive_skips > 0)
-            if must_check or step % log_every == 0 or step == total_steps:
-              if nan_policy == "stop" and not bool(jax.device_get(metrics["finite"])):
-                window.flush()
-                raise NonFiniteLossError(
-                  f"non-finite loss ({float(metrics['loss'])}), gradient norm or updated "
-                  f"state at step {step}; stopping (train.nan_policy='stop'). Parameters were "
-                  f"not updated; the last checkpoint (step {checkpointer.latest_step()}) is "
-                  "intact. Try a lower optimizer.lr, optimizer.grad_clip_norm > 0, or check "
-                  "the data."
-                )
+      batches = input_pipeline.train_batches(
+        train_ds, config.data, per_host_batch=per_host, start_step=data_position,
+        num_steps=data_position + total_steps - step, shard_index=proc, shard_count=n_proc,
+      )
+      with batches:
+        for batch in batches:
+          gb = shard_lib.global_batch(batch, mesh)
+          state, metrics = train_step(state, gb)
+          step += 1
+          window.add(step, metrics)
+          bar.update(1)
+          must_check = nan_policy == "stop" or (max_skips > 0 and window.consecutive_skips > 0)
+          if must_check or step % log_every == 0 or step == total_steps:
+            if nan_policy == "stop" and not bool(jax.device_get(metrics["finite"])):
               window.flush()
-              if max_skips > 0 and window.consecutive_skips >= max_skips:
-                raise NonFiniteLossError(
-                  f"{window.consecutive_skips} consecutive steps up to step {step} had a "
-                  f"non-finite loss, gradient or updated state and were skipped "
-                  f"(train.max_consecutive_nan_skips={max_skips}); stopping. The last "
-                  f"checkpoint (step {checkpointer.latest_step()}) is intact. Try a lower "
-                  "optimizer.lr or optimizer.grad_clip_norm > 0."
-                )
-            if checkpointer.due(step):
-              _save_checkpoint(checkpointer, step, state, meta_at(step))
-            if ckpt_lib.any_process(term.requested):
-              window.flush()
-              _save_checkpoint(checkpointer, step, state, meta_at(step))
-              checkpointer.wait()
-              signum = term.signum or signal.SIGTERM
-              raise TrainingInterrupted(
-                f"terminated by signal {signal.Signals(signum).name} at step {step}; "
-                f"checkpoint saved in {checkpointer.directory}. Run again with --workdir "
-                f"{workdir} to resume.",
-                step, signum,
+              raise NonFiniteLossError(
+                f"non-finite loss ({float(metrics['loss'])}), gradient norm or updated "
+                f"state at step {step}; stopping (train.nan_policy='stop'). Parameters were "
+                f"not updated; the last checkpoint (step {checkpointer.latest_step()}) is "
+                "intact. Try a lower optimizer.lr, optimizer.grad_clip_norm > 0, or check "
+                "the data."
               )
-            if eval_every and step % eval_every == 0 and step < total_steps:
-              window.flush()
-              t_eval = time.time()
-              evaluate(step, final=False)
-              window.pause(time.time() - t_eval)
-            if step >= total_steps:
-              break
-        epoch, batch_in_epoch = epoch + 1, 0
+            window.flush()
+            if max_skips > 0 and window.consecutive_skips >= max_skips:
+              raise NonFiniteLossError(
+                f"{window.consecutive_skips} consecutive steps up to step {step} had a "
+                f"non-finite loss, gradient or updated state and were skipped "
+                f"(train.max_consecutive_nan_skips={max_skips}); stopping. The last "
+                f"checkpoint (step {checkpointer.latest_step()}) is intact. Try a lower "
+                "optimizer.lr or optimizer.grad_clip_norm > 0."
+              )
+          if checkpointer.due(step):
+            _save_checkpoint(checkpointer, step, state, meta_at(step))
+          if ckpt_lib.any_process(term.requested):
+            window.flush()
+            _save_checkpoint(checkpointer, step, state, meta_at(step))
+            checkpointer.wait()
+            signum = term.signum or signal.SIGTERM
+            raise TrainingInterrupted(
+              f"terminated by signal {signal.Signals(signum).name} at step {step}; "
+              f"checkpoint saved in {checkpointer.directory}. Run again with --workdir "
+              f"{workdir} to resume.",
+              step, signum,
+            )
+          if eval_every and step % eval_every == 0 and step < total_steps:
+            window.flush()
+            t_eval = time.time()
+            evaluate(step, final=False)
+            window.pause(time.time() - t_eval)
+          if step >= total_steps:
+            break
       window.flush()
       jax.block_until_ready(state)
       train_time = time.time() - t_loop

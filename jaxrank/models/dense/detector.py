@@ -24,7 +24,7 @@ from jaxrank.models.dense.heads import ATSSHead, RetinaHead
 from jaxrank.models.fpn import FPN
 from jaxrank.models.layers import DTYPES
 from jaxrank.models.pretrained import load_torchvision_resnet
-from jaxrank.models.resnet import build_backbone
+from jaxrank.models.resnet import backbone_input, build_backbone
 
 
 class DetectorOutputs(NamedTuple):
@@ -85,7 +85,7 @@ class DenseDetector(nnx.Module):
     size = self.image_size
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
       raise ValueError(f"images must be [B, {size}, {size}, 3], got {images.shape}")
-    features = self.fpn(self.backbone(images.astype(self.dtype)))
+    features = self.fpn(self.backbone(backbone_input(images, self.dtype)))
     logits, deltas = self.head(features)
     return DetectorOutputs(logits, deltas)
 

@@ -38,7 +38,7 @@ from jaxrank.models.query_based.transformer import (
   sine_position_embedding,
   split_key,
 )
-from jaxrank.models.resnet import build_backbone
+from jaxrank.models.resnet import backbone_input, build_backbone
 
 DROPOUT_SEED = 0
 #: Prior probability of the class heads' initial bias (published: 0.01).
@@ -172,7 +172,7 @@ class DeformableDETR(nnx.Module):
     size = self.image_size
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
       raise ValueError(f"images must be [B, {size}, {size}, 3], got {images.shape}")
-    feats = self.backbone(images.astype(self.dtype))
+    feats = self.backbone(backbone_input(images, self.dtype))
     srcs = []
     for level, proj in enumerate(self.input_proj):
       if level < len(feats):

@@ -16,7 +16,7 @@ from jaxrank import losses, ops
 from jaxrank.models.fpn import FPN
 from jaxrank.models.layers import DTYPES
 from jaxrank.models.pretrained import load_torchvision_resnet
-from jaxrank.models.resnet import build_backbone
+from jaxrank.models.resnet import backbone_input, build_backbone
 from jaxrank.models.two_stage import recipes
 from jaxrank.models.two_stage.config import (
   MAX_LEVEL,
@@ -106,7 +106,7 @@ class TwoStageDetector(nnx.Module):
     size = self.image_size
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
       raise ValueError(f"images must be [B, {size}, {size}, 3], got {images.shape}")
-    return self.fpn(self.backbone(images.astype(self.fpn.lateral[0].dtype)))
+    return self.fpn(self.backbone(backbone_input(images, self.fpn.lateral[0].dtype)))
 
   def proposals(self, rpn_logits, rpn_deltas, *, training: bool) -> ops.Proposals:
     """Padded proposals ``[B, K]`` (no gradient)."""
