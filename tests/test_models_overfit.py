@@ -16,9 +16,13 @@ STEPS = 400
 
 
 def _model_batch(batches):
-  """The first batch with the detectors' normalised float images."""
+  """The first batch with the detectors' normalised float images, normalised on the host as
+  the examples were before the pipeline kept them uint8 (``data.normalize_images`` differs in
+  the last bit, which changes where these short trainings end)."""
   batch = dict(next(iter(batches)))
-  batch["image"] = np.asarray(data.normalize_images(batch.pop("image"), batch.pop("image_hw")))
+  images, sizes = batch.pop("image"), batch.pop("image_hw")
+  batch["image"] = np.stack([data.transforms.pad_and_normalize(image[:h, :w], image.shape[0])
+                             for image, (h, w) in zip(images, sizes)])
   return batch
 
 
