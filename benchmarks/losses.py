@@ -4,6 +4,7 @@ Usage:
   python benchmarks/losses.py            # N = 1e6, 8e6; P = 1000, 5000 (about 5 min on 2 CPU cores)
   python benchmarks/losses.py --quick    # N = 1e5, 1e6; P = 100, 1000 (under a minute)
   python benchmarks/losses.py --sizes 1e6 --positives 1000 --losses rank_sort_loss
+  python benchmarks/losses.py --sizes 0  # only the tables without max_positives (below)
 
 Inputs (as in issue 14): N logits from N(-2, 1.5), 10% of them ignored, and P positives with
 logits from N(0, 1.5) and IoU targets from U(0.1, 1). Every loss runs as
@@ -115,7 +116,8 @@ def ratio(a, b):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--sizes", default=None, help="comma-separated N (default 1e6,8e6)")
+  parser.add_argument("--sizes", default=None,
+                      help="comma-separated N (default 1e6,8e6; 0 skips the main table)")
   parser.add_argument("--positives", default=None, help="comma-separated P (default 1000,5000)")
   parser.add_argument("--losses", default=",".join(LOSSES))
   parser.add_argument("--repeats", type=int, default=5)
@@ -127,7 +129,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   default_sizes, default_positives = ("1e5,1e6", "100,1000") if args.quick else ("1e6,8e6",
                                                                                   "1000,5000")
-  sizes = [int(float(s)) for s in (args.sizes or default_sizes).split(",")]
+  sizes = [n for n in (int(float(s)) for s in (args.sizes or default_sizes).split(",")) if n > 0]
   positives = [int(p) for p in (args.positives or default_positives).split(",")]
   unbounded_size = int(args.unbounded_size if args.unbounded_size is not None
                        else (1e5 if args.quick else 1e6))

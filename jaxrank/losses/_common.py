@@ -206,10 +206,11 @@ def gather_positives(flat: Flat, max_positives: int) -> Positives:
   return Positives(index, s, y, mask, count, count > max_positives)
 
 
-def finish(values, grad, flat: Flat, pos: Positives):
-  """Zero for no positives; NaN for non-finite logits, invalid traced input or positive overflow."""
-  bad = (~flat.finite) | flat.invalid | pos.overflow
-  empty = pos.count == 0
+def finish(values, grad, flat: Flat, count, overflow):
+  """Zero for no positives (``count == 0``); NaN for non-finite logits, invalid traced input or
+  positive overflow."""
+  bad = (~flat.finite) | flat.invalid | overflow
+  empty = count == 0
   values = tuple(jnp.where(bad, jnp.nan, jnp.where(empty, 0.0, v)) for v in values)
   grad = jnp.where(bad, jnp.nan, jnp.where(empty, 0.0, grad))
   return values, grad

@@ -31,28 +31,35 @@ def pad_to_blocks(x, block: int, fill):
 
 
 def row_sums(kernel: Callable, num_outputs: int, logits, columns, count, *, block: int,
-             lower_reach: float | None = None, upper_reach: float | None = None):
+             lower_reach: float | None = None, upper_reach: float | None = None,
+             first_row=0, num_rows: int | None = None):
   """``out[r][i] = Σ_k kernel(rows_i, cols_k)[r]`` over real positives ``k``.
 
   Args:
     kernel: ``(row_logits [B], row_data, col_logits [B], col_data) -> tuple of [B, B]``.
     num_outputs: length of that tuple.
     logits: ``[Pp]`` ascending logits, ``Pp`` a multiple of ``block``.
-    columns: pytree of ``[Pp]`` arrays sliced alongside (also passed as row data).
+    columns: pytree of ``[Pp]`` arrays sliced alongside (also passed as row data), or a function
+      ``start -> pytree of [B]`` that makes the data of the block at ``start``.
     count: number of real positives (the rest are padding, masked by the kernel's data).
     lower_reach: columns with logit below ``row_min - lower_reach`` contribute 0.
     upper_reach: columns with logit above ``row_max + upper_reach`` contribute 0.
+    first_row, num_rows: only the rows ``[first_row, first_row + num_rows)`` (multiples of
+      ``block``; ``num_rows`` static, all rows by default); the outputs are ``[num_rows]``.
   """
   num_blocks = (count + block - 1) // block
-  slots = logits.shape[0]
-
-  def take(tree, start):
-    return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, block), tree)
+  num_rows = logits.shape[0] if num_rows is None else num_rows
+  if callable(columns):
+    take = columns
+  else:
+    take = lambda start: jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, block),
+                                      columns)
+  first_block = first_row // block
 
   def row_body(r, outs):
     start = r * block
     row_logits = lax.dynamic_slice_in_dim(logits, start, block)
-    row_data = take(columns, start)
+    row_data = take(start)
     first = 0
     last = num_blocks
     if lower_reach is not None:
@@ -65,12 +72,14 @@ def row_sums(kernel: Callable, num_outputs: int, logits, columns, count, *, bloc
     def col_body(c, acc):
       col_start = c * block
       parts = kernel(row_logits, row_data, lax.dynamic_slice_in_dim(logits, col_start, block),
-                     take(columns, col_start))
+                     take(col_start))
       return tuple(a + p.sum(axis=1) for a, p in zip(acc, parts))
 
     zero = tuple(jnp.zeros(block, jnp.float32) for _ in range(num_outputs))
     acc = lax.fori_loop(first, last, col_body, zero)
-    return tuple(lax.dynamic_update_slice_in_dim(o, a, start, 0) for o, a in zip(outs, acc))
+    return tuple(lax.dynamic_update_slice_in_dim(o, a, start - first_row, 0)
+                 for o, a in zip(outs, acc))
 
-  outs = tuple(jnp.zeros(slots, jnp.float32) for _ in range(num_outputs))
-  return lax.fori_loop(0, num_blocks, row_body, outs)
+  outs = tuple(jnp.zeros(num_rows, jnp.float32) for _ in range(num_outputs))
+  last_block = jnp.minimum(num_blocks, first_block + num_rows // block)
+  return lax.fori_loop(first_block, last_block, row_body, outs)

@@ -90,18 +90,16 @@ def count_at_or_below(sorted_values, x):
       m = m + ((m < end) & (unique[jnp.minimum(m, num - 1)] <= x))
     return finish(x, m)
 
-  def binary(x):  # a pass per halving of the fullest cell; two int32 carries of memory
-    c = cell_of(x)
+  def binary(x):  # a pass per halving of the fullest cell; one int32 carry of memory
     steps = jnp.ceil(jnp.log2(most.astype(jnp.float32) + 1.0)).astype(jnp.int32) + 1
 
-    def halve(_, bounds):
-      lower, upper = bounds
-      mid = (lower + upper) >> 1
-      go = (lower < upper) & (unique[jnp.minimum(mid, num - 1)] <= x)
-      return jnp.where(go, mid + 1, lower), jnp.where(go | (lower >= upper), upper, mid)
+    def lift(k, m):  # m: the values of x's cell known to be <= x, tried in halving steps
+      step = jnp.left_shift(1, steps - 1 - k)
+      end = start[cell_of(x) + 1]
+      go = (m + step <= end) & (unique[jnp.clip(m + step - 1, 0, num - 1)] <= x)
+      return jnp.where(go, m + step, m)
 
-    m, _ = lax.fori_loop(0, steps, halve, (start[c], start[c + 1]))
-    return finish(x, m)
+    return finish(x, lax.fori_loop(0, steps, lift, start[cell_of(x)]))
 
   return lax.cond(most <= GRID_STEPS, linear, binary, x)
 
@@ -247,11 +245,13 @@ def scatter_sum(values, index, num_segments):
   return jax.ops.segment_sum(values, index, num_segments=num_segments)
 
 
-def located_window_sums(th: Thresholds, x, index, weight=None):
+def located_window_sums(th: Thresholds, x, index, weight=None, where=None):
   """``Σ_j weight_j H_δ(x_j - s_i)`` (weight 1 by default) over the points that :func:`locate`
-  kept, for every positive."""
+  kept (and ``where`` holds, if given), for every positive."""
   num_buckets = th.values.shape[0] + 1
   kept = index < num_buckets
+  if where is not None:
+    kept = kept & where
   weight = kept.astype(jnp.float32) if weight is None else jnp.where(kept, weight, 0.0)
   total = scatter_sum(weight, index, num_buckets)
   moment = None
@@ -260,6 +260,24 @@ def located_window_sums(th: Thresholds, x, index, weight=None):
     start = _bucket_starts(th)[jnp.minimum(index, num_buckets - 1)]
     moment = scatter_sum(jnp.where(inside, weight * (x - start), 0.0), index, num_buckets)
   return _sums_from_buckets(th, total, moment)
+
+
+def located_counts(th: Thresholds, x, index, second):
+  """``Σ_j H_δ(x_j - s_i)`` for every positive over the points that :func:`locate` kept, in two
+  groups: ``(sums where second is False, sums where it is True)``, from one scatter of the
+  points. (Everything per point is computed from ``index``: XLA then keeps it inside a loop
+  over chunks instead of hoisting an array of the points out of it.)"""
+  num_buckets = th.values.shape[0] + 1
+  kept = index < num_buckets
+  segment = jnp.where(kept, jnp.where(second, index + num_buckets, index), 2 * num_buckets)
+  total = scatter_sum(kept.astype(jnp.float32), segment, 2 * num_buckets).reshape(2, -1)
+  moment = (None, None)
+  if th.delta != 0:
+    inside = kept & (index < num_buckets - 1)
+    start = _bucket_starts(th)[jnp.minimum(index, num_buckets - 1)]
+    moment = scatter_sum(jnp.where(inside, x - start, 0.0), segment, 2 * num_buckets)
+    moment = moment.reshape(2, -1)
+  return tuple(_sums_from_buckets(th, total[g], moment[g]) for g in range(2))
 
 
 def _sums_from_buckets(th: Thresholds, total, moment):
@@ -325,9 +343,11 @@ def located_ramp_values(th: Thresholds, coeff, x, index):
   return jnp.where(kept, at_start[b] + slope[b] * (x - starts[b]), 0.0)
 
 
-#: Positive slots whose windows are handled in one piece; more slots (no ``max_positives``
-#: under ``jit``) run in chunks of ``CHUNK`` over the real positives only, one pass over the
-#: points per chunk, with O(points + slots) memory.
+#: Positive slots whose windows are handled in one piece; more slots (a larger bound, or no
+#: ``max_positives`` under ``jit`` for the bucketed losses) run in chunks of ``CHUNK`` over the
+#: real positives only, one pass over the points per chunk, with O(points + slots) memory.
+#: ``CHUNK`` is also the chunk of the sorted positives in the many-positives branch of AP, aLRP
+#: and RS (``_shared.over_chunks``).
 SINGLE_MAX = 1 << 16
 CHUNK = 1 << 13
 

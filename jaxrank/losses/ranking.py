@@ -28,17 +28,36 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrank.losses import bucketed
+from jaxrank.losses import _pairwise, bucketed
 from jaxrank.losses._common import Flat, Positives, check_input, flatten, smoothed_step
-from jaxrank.losses._ramp import ramp_at_points, sums_over_points, sums_over_slots, windows
+from jaxrank.losses._ramp import (
+  locate,
+  located_counts,
+  located_ramp_values,
+  located_window_sums,
+  make_thresholds,
+  ramp_at_points,
+  sums_over_points,
+  sums_over_slots,
+  windows,
+)
 from jaxrank.losses._shared import (
   MAX_IOU_TARGET,
   RS_EPS,
+  Chunk,
   LossParts,
   RankingErrors,
+  Sorted,
+  StreamParts,
+  add_at,
+  over_chunks,
   per_entry,
   ranking_impl,
+  set_at,
+  slot_targets,
+  sorting_errors,
   sorting_part,
+  sorting_received,
   static_options,
   without_errors,
 )
@@ -113,9 +132,134 @@ def _rank_sort_body(flat: Flat, pos: Positives, n, delta: float) -> LossParts:
   return LossParts(values, grad, ranking_error, sorting_error)
 
 
-_ap_impl = ranking_impl(_ap_body, name="ap_loss")
-_alrp_impl = ranking_impl(_alrp_body, name="alrp_loss")
-_rank_sort_impl = ranking_impl(_rank_sort_body, name="rank_sort_loss", max_target=MAX_IOU_TARGET)
+# Many positives without ``max_positives`` under ``jit``: the same computations over the sorted
+# positives chunk by chunk (see ``_shared.over_chunks``). Each chunk's windows take one pass over
+# the entries; what follows from the ascending order (interpolation, cumulative sums) is carried
+# from chunk to chunk, and the results go straight to the entries.
+
+
+def _chunk_sums(flat: Flat, chunk: Chunk, delta: float):
+  """The chunk's windows, the bucket of every entry, and the window sums over the negatives
+  (``N_FP``) and over the positives (``Σ_{k∈P} H(s_k - s_i)``, self term ``H(0)`` included)."""
+  th = make_thresholds(chunk.logits, delta)
+  index = locate(th, flat.logits, flat.positive | flat.negative)
+  nfp, rank_plus = located_counts(th, flat.logits, index, flat.positive)
+  return th, index, nfp, rank_plus
+
+
+def _with_negatives(grad, flat: Flat, th, index, coeff):
+  """``grad`` plus ``Σ_i coeff_i H(s_j - s_i)`` (the chunk's positives) at the negatives."""
+  return grad + jnp.where(flat.negative, located_ramp_values(th, coeff, flat.logits, index), 0.0)
+
+
+def _zeros_if(flag: bool, flat: Flat):
+  return jnp.zeros_like(flat.logits) if flag else None
+
+
+def _ap_stream(flat: Flat, sp: Sorted, n, delta: float, *, errors: bool) -> StreamParts:
+  self_term = 1.0 - smoothed_step(0.0, delta)
+
+  def body(chunk: Chunk, carry):
+    grad, ranking, best, total = carry
+    th, index, nfp, rank_plus = _chunk_sums(flat, chunk, delta)
+    rank_plus = rank_plus + self_term
+    rank = rank_plus + nfp
+    precision = jnp.where(chunk.mask, rank_plus / rank, 0.0)
+    interpolated = jnp.maximum(lax.cummax(precision), best)
+    previous = jnp.concatenate([best[None], interpolated[:-1]])
+    updated = precision >= previous
+    weight = jnp.where(updated, 1.0,
+                       (1.0 - interpolated) / jnp.where(updated, 1.0, 1.0 - precision))
+    error = jnp.where(chunk.mask, 1.0 - interpolated, 0.0)
+    coeff = jnp.where(chunk.mask, weight / rank / n, 0.0)
+    grad = add_at(_with_negatives(grad, flat, th, index, coeff), chunk, -error / n)
+    ranking = None if ranking is None else add_at(ranking, chunk, error)
+    return grad, ranking, interpolated[-1], total + jnp.sum(error)
+
+  zero = jnp.zeros((), jnp.float32)
+  grad, ranking, _, total = over_chunks(
+      flat, sp, body, (jnp.zeros_like(flat.logits), _zeros_if(errors, flat), zero, zero))
+  return StreamParts((total / n,), grad, ranking)
+
+
+def _alrp_stream(flat: Flat, sp: Sorted, n, delta: float, loc_errors, *,
+                 errors: bool) -> StreamParts:
+  loc_errors = jnp.asarray(loc_errors, jnp.float32).reshape(-1)
+  invalid = jnp.any(flat.positive & ~(loc_errors >= 0))
+  self_term = smoothed_step(0.0, delta)
+
+  def body(chunk: Chunk, carry):
+    grad, loc_weight, ranking, prefix, total = carry
+    th, index, nfp, rank_plus = _chunk_sums(flat, chunk, delta)
+    loc_sum = located_window_sums(th, flat.logits, index, loc_errors, where=flat.positive)
+    rank = rank_plus + (1.0 - self_term) + nfp
+    error = jnp.where(chunk.mask, nfp / rank, 0.0)
+    loc_above = loc_sum - self_term * jnp.where(chunk.mask, loc_errors[chunk.index], 0.0)
+    primary = (loc_above + nfp) / rank
+    active = chunk.mask & (nfp > ALRP_EPS)
+    coeff = jnp.where(active, primary / (jnp.where(active, nfp, 1.0) * n), 0.0)
+    grad = add_at(_with_negatives(grad, flat, th, index, coeff), chunk,
+                  jnp.where(active, -primary / n, 0.0))
+    inverse = prefix + jnp.cumsum(jnp.where(chunk.mask, 1.0 / rank, 0.0))
+    loc_weight = add_at(loc_weight, chunk, inverse / n)
+    ranking = None if ranking is None else add_at(ranking, chunk, error)
+    return grad, loc_weight, ranking, inverse[-1], total + jnp.sum(error)
+
+  zero = jnp.zeros((), jnp.float32)
+  init = (jnp.zeros_like(flat.logits), jnp.zeros_like(flat.logits), _zeros_if(errors, flat),
+          zero, zero)
+  grad, loc_weight, ranking, _, total = over_chunks(flat, sp, body, init)
+  return StreamParts((total / n, loc_weight), grad, ranking, invalid=invalid)
+
+
+def _rank_sort_stream(flat: Flat, sp: Sorted, n, delta: float, *, errors: bool) -> StreamParts:
+  block = _pairwise.block_size(sp.chunk)
+  assert sp.chunk % block == 0, (sp.chunk, block)
+  targets = lambda start: slot_targets(flat, sp, start, block)
+
+  def first(chunk: Chunk, carry):
+    # The chunk's rows of the positive-positive sums. What a positive gives away of its sorting
+    # error waits for the second pass in the gradient's entry of that positive.
+    pmf_scale, given, sorting, total = carry
+    _, sorting_error, chunk_scale, chunk_given = sorting_errors(
+        sp.logits, targets, sp.count, chunk.mask, delta, block=block, first_row=chunk.start,
+        num_rows=sp.chunk)
+    pmf_scale = lax.dynamic_update_slice_in_dim(pmf_scale, chunk_scale, chunk.start, 0)
+    sorting = None if sorting is None else add_at(sorting, chunk, sorting_error)
+    return (pmf_scale, set_at(given, chunk, chunk_given), sorting,
+            total + jnp.sum(sorting_error))
+
+  zero = jnp.zeros((), jnp.float32)
+  pmf_scale, grad, sorting, sorting_total = over_chunks(
+      flat, sp, first, (jnp.zeros(sp.logits.shape, jnp.float32), jnp.zeros_like(flat.logits),
+                        _zeros_if(errors, flat), zero))
+  columns = lambda start: (targets(start)[0], lax.dynamic_slice_in_dim(pmf_scale, start, block))
+
+  def second(chunk: Chunk, carry):
+    grad, ranking, total = carry
+    # rank⁺ over the entries, as AP does (the same sum as the first pass's, not kept from it)
+    th, index, nfp, rank_plus = _chunk_sums(flat, chunk, delta)
+    received = sorting_received(sp.logits, columns, sp.count, delta, block=block,
+                                first_row=chunk.start, num_rows=sp.chunk)
+    sorting_grad = received - jnp.where(chunk.mask, grad[chunk.index], 0.0)
+    rank = jnp.where(chunk.mask, rank_plus + nfp, 1.0)
+    has_fp = chunk.mask & (nfp > RS_EPS)
+    ranking_error = jnp.where(chunk.mask, nfp / rank, 0.0)
+    coeff = jnp.where(has_fp, 1.0 / (rank * n), 0.0)
+    grad_pos = (sorting_grad - jnp.where(has_fp, ranking_error, 0.0)) / n
+    grad = set_at(_with_negatives(grad, flat, th, index, coeff), chunk, grad_pos)
+    ranking = None if ranking is None else add_at(ranking, chunk, ranking_error)
+    return grad, ranking, total + jnp.sum(ranking_error)
+
+  grad, ranking, ranking_total = over_chunks(
+      flat, sp, second, (grad, _zeros_if(errors, flat), zero))
+  return StreamParts((ranking_total / n, sorting_total / n), grad, ranking, sorting)
+
+
+_ap_impl = ranking_impl(_ap_body, name="ap_loss", stream=_ap_stream)
+_alrp_impl = ranking_impl(_alrp_body, name="alrp_loss", stream=_alrp_stream)
+_rank_sort_impl = ranking_impl(_rank_sort_body, name="rank_sort_loss", max_target=MAX_IOU_TARGET,
+                               stream=_rank_sort_stream)
 
 _ap = error_driven(without_errors(_ap_impl), 2)
 _alrp = error_driven(without_errors(_alrp_impl), 3)
@@ -146,7 +290,8 @@ def ap_loss(logits, targets, *, delta: float = 1.0, where=None,
     max_positives: static number of positive slots; more positives than slots gives a NaN
       loss. Under ``jit`` with traced targets it defaults to the number of entries: up to 4096
       real positives then cost about what the bound would, more are handled in chunks of 8192
-      (a sort of the slots, one pass over the logits per chunk); pass it in training steps.
+      (a sort of the entries, then one pass over the logits per chunk of sorted positives, with
+      a few arrays of the entries' size in memory); pass it in training steps.
 
   Returns:
     The scalar loss (float32); 0 with zero gradient when there are no positives.
