@@ -9,9 +9,10 @@ temporary directory, then times, in one run, for each setting (512 px with SSD a
 * the thread-pool pipeline it replaced (commit 7f07d75: up to 4 threads, 2 batches
   prefetched, float32 normalised images built on the host), copied here as the baseline.
 
-A figure is the best of ``--repeats`` passes of ``--batches`` batches after the first two
-(loader start-up is printed apart). The Grain batches hold ``uint8`` images: the
-normalisation runs on the device, inside the jitted step.
+A figure is the best of ``--repeats`` passes of ``--batches`` batches after ``--warmup``
+batches (loader processes need a few batches to reach their pace: imports, decoder set-up,
+first touches of shared memory; the time to the first batch is printed apart). The Grain
+batches hold ``uint8`` images: the normalisation runs on the device, inside the jitted step.
 
   python benchmarks/input_pipeline.py            # ~3 min on 2 cores
   python benchmarks/input_pipeline.py --quick
@@ -105,7 +106,8 @@ def thread_pool_batches(dataset, *, batch_size, image_size, max_boxes, augment, 
     producer.join()
 
 
-def images_per_second(make_batches, batches: int, repeats: int) -> tuple[float, float]:
+def images_per_second(make_batches, batches: int, repeats: int,
+                      warmup: int) -> tuple[float, float]:
   """(best images/s over ``repeats`` passes, seconds to the first batch of the first pass)."""
   best, startup = 0.0, None
   for _ in range(repeats):
@@ -116,11 +118,11 @@ def images_per_second(make_batches, batches: int, repeats: int) -> tuple[float, 
       for i, batch in enumerate(it):
         if i == 0 and startup is None:
           startup = time.perf_counter() - t0
-        if i == 1:
+        if i == warmup - 1:
           t1 = time.perf_counter()
-        elif i > 1:
+        elif i >= warmup:
           images += len(batch["image_id"])
-        if i == batches + 1:
+        if i == warmup + batches - 1:
           break
     finally:
       if hasattr(it, "close"):
@@ -131,18 +133,19 @@ def images_per_second(make_batches, batches: int, repeats: int) -> tuple[float, 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batches", type=int, default=12, help="timed batches per pass")
+  parser.add_argument("--batches", type=int, default=40, help="timed batches per pass")
+  parser.add_argument("--warmup", type=int, default=6, help="batches before the timing")
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--workers", default="0,1,2")
-  parser.add_argument("--quick", action="store_true", help="4 timed batches, one pass")
+  parser.add_argument("--quick", action="store_true", help="6 timed batches, one pass")
   args = parser.parse_args(argv)
   if args.quick:
-    args.batches, args.repeats = 4, 1
+    args.batches, args.repeats = 6, 1
   workers = [int(w) for w in args.workers.split(",")]
-  needed = (args.batches + 2) * args.batch_size
+  needed = (args.batches + args.warmup) * args.batch_size
   print(f"{os.cpu_count()} CPUs; batch {args.batch_size}; best of {args.repeats} x "
-        f"{args.batches} batches")
+        f"{args.batches} batches after {args.warmup}")
   with tempfile.TemporaryDirectory() as root:
     images_dir, annotations = write_coco_folder(root, needed)
     dataset = data.load_coco_folder(images_dir, annotations)
@@ -154,13 +157,13 @@ def main(argv=None):
       kw = dict(batch_size=args.batch_size, image_size=image_size, max_boxes=32,
                 augment=augment, seed=0)
       baseline, _ = images_per_second(lambda kw=kw: thread_pool_batches(dataset, **kw),
-                                      args.batches, args.repeats)
+                                      args.batches, args.repeats, args.warmup)
       rates, startups = {}, []
       for w in workers:
         rates[w], startup = images_per_second(
           lambda w=w, kw=kw: data.iterate_batches(dataset, drop_remainder=True, num_workers=w,
                                            prefetch=2, **kw),
-          args.batches, args.repeats)
+          args.batches, args.repeats, args.warmup)
         startups.append(f"{startup:.1f}")
       scaling = f"{rates[2] / rates[1]:.2f}x" if 1 in rates and 2 in rates else "n/a"
       print(f"| {image_size} px, {augment} | {baseline:.1f} | " +

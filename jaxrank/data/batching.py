@@ -269,8 +269,8 @@ class BatchIterator:
     self.positions = positions
     self._next = positions.first_batch
     self._left = positions.batch_count
-    dataset = grain.MapDataset.source(positions).map(loader).batch(
-      positions.batch_size, batch_fn=collate)
+    # Grain's own batching: in a loader process it stacks straight into shared memory.
+    dataset = grain.MapDataset.source(positions).map(loader).batch(positions.batch_size)
     if num_workers == 0:
       stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     else:
@@ -280,7 +280,7 @@ class BatchIterator:
       ).mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)),
         worker_init_fn=loader_process_init)
-    self._copy = num_workers > 0
+    self._shared = num_workers > 0
     self._iterator = iter(stream) if self._left else None
 
   def __len__(self) -> int:
@@ -300,8 +300,8 @@ class BatchIterator:
       self.close()
       raise StopIteration
     batch = next(self._iterator)
-    if self._copy:  # plain arrays: the shared memory they came in is freed now
-      batch = {k: np.array(v) for k, v in batch.items()}
+    if self._shared:  # plain ndarray views; the shared memory goes when they do
+      batch = {k: v.view(np.ndarray) for k, v in batch.items()}
     self._next += 1
     self._left -= 1
     return batch
