@@ -172,6 +172,7 @@ def test_many_positives_errors_equal_bounded(name, case, small_chunks):
   assert np.asarray(errors[None].positive).sum() == count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["plain", "all_positive"])
 def test_many_positives_alrp_localisation_equals_bounded(case, small_chunks):
   """aLRP's ``loc_loss`` and its gradient w.r.t. ``loc_errors`` (the per-positive weights carried
@@ -188,6 +189,7 @@ def test_many_positives_alrp_localisation_equals_bounded(case, small_chunks):
   _assert_same(loc_loss(None), loc_loss(count))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["plain", "ties"])
 def test_many_positives_unit_step_equals_bounded(case, small_chunks):
   """RS at ``delta = 0`` (the unit step) through the many-positives branch, where ``rank⁺``

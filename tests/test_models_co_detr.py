@@ -183,9 +183,8 @@ def test_detect_uses_the_query_head():
   assert det.boxes.shape == (2, 20, 4) and bool(jnp.all(det.valid))
 
 
-@pytest.mark.parametrize("recipe", [
-    "brs_detr", pytest.param("co_detr_focal", marks=pytest.mark.slow),
-    pytest.param("rs_detr", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~2 min each (compiles a whole Co-DETR step)
+@pytest.mark.parametrize("recipe", ["brs_detr", "co_detr_focal", "rs_detr"])
 def test_every_recipe_gives_finite_losses_and_gradients(recipe):
   model, loss = tiny(recipe)
   value, metrics, state, grads = loss_and_grads(model, loss, make_batch((3, 2)))

@@ -73,7 +73,10 @@ def train_and_score(step, opt_state, loss_state, steps, graphdef, params, rest, 
   return losses, evaluate_coco(dataset.coco, results)
 
 
-@pytest.mark.parametrize("name", dense.LOSS_NAMES)
+# ~20-45 s each: the default suite keeps focal and RS.
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=() if n in ("focal_smooth_l1", "rank_sort") else pytest.mark.slow)
+    for n in dense.LOSS_NAMES])
 def test_overfit_two_images(name, record_property):
   losses, metrics = overfit(name)
   print(f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.4f}, AP {metrics['AP']:.3f}, "
@@ -141,8 +144,7 @@ def overfit_detector(model_config, loss_config, *, steps, lr, seed):
 
 
 @pytest.mark.parametrize("recipe", [
-    pytest.param(r, marks=() if r == "faster_rcnn_rank_sort" else pytest.mark.slow)
-    for r in two_stage.RECIPE_NAMES])
+    pytest.param(r, marks=pytest.mark.slow) for r in two_stage.RECIPE_NAMES])
 def test_two_stage_overfits_two_images(recipe, record_property):
   losses, metrics = overfit_two_stage(recipe)
   print(f"{recipe}: loss {losses[0]:.3f} -> {losses[-1]:.4f}, AP {metrics['AP']:.3f}, "
@@ -154,8 +156,7 @@ def test_two_stage_overfits_two_images(recipe, record_property):
 
 
 @pytest.mark.parametrize("recipe", [
-    pytest.param(r, marks=() if r == "detr_bucketed_rank_sort" else pytest.mark.slow)
-    for r in query_based.RECIPE_NAMES])
+    pytest.param(r, marks=pytest.mark.slow) for r in query_based.RECIPE_NAMES])
 def test_query_based_overfits_two_images(recipe, record_property):
   losses, metrics = overfit_query_based(recipe)
   print(f"{recipe}: loss {losses[0]:.3f} -> {losses[-1]:.4f}, AP {metrics['AP']:.3f}, "

@@ -81,10 +81,10 @@ def test_loss_config_errors_name_the_field(field, value, match):
     models.check_config(model, loss)
 
 
-# Each detector config compiles for ~30 s: the default suite keeps focal and bucketed RS.
+# Each detector config compiles for ~30 s: the default suite keeps bucketed RS.
 @pytest.mark.parametrize("recipe", [
-    pytest.param(r, marks=() if r in ("detr_focal", "detr_bucketed_rank_sort")
-                 else pytest.mark.slow) for r in query_based.RECIPE_NAMES])
+    pytest.param(r, marks=() if r == "detr_bucketed_rank_sort" else pytest.mark.slow)
+    for r in query_based.RECIPE_NAMES])
 def test_every_recipe_gives_finite_losses_and_gradients(recipe):
   model, loss = tiny(recipe)
   value, metrics, state, grads = loss_and_grads(model, loss, make_batch())
@@ -95,8 +95,8 @@ def test_every_recipe_gives_finite_losses_and_gradients(recipe):
   assert int(state.count) == 1
 
 
-@pytest.mark.parametrize("recipe", [
-    "detr_focal", pytest.param("detr_bucketed_rank_sort", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~45 s
+@pytest.mark.parametrize("recipe", ["detr_focal", "detr_bucketed_rank_sort"])
 def test_padding_examples_contribute_nothing(recipe):
   model, loss = tiny(recipe)
   full = make_batch((3, 2))
@@ -281,6 +281,7 @@ def test_coco_configs_are_the_published_recipes(name, recipe):
   assert isinstance(tx, optax.GradientTransformation)
 
 
+@pytest.mark.slow  # ~75 s
 def test_trains_resumes_and_predicts_through_the_trainer(tmp_path, jax_cache):
   import jaxrank
   from jaxrank.train import trainer
