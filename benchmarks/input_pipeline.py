@@ -7,14 +7,19 @@ temporary directory, then times, in one run, for each setting (512 px with SSD a
 * the Grain pipeline (:func:`jaxrank.data.iterate_batches`) with 0 (in the calling thread),
   1 and 2 loader processes;
 * the thread-pool pipeline it replaced (commit 7f07d75: up to 4 threads, 2 batches
-  prefetched, float32 normalised images built on the host), copied here as the baseline.
+  prefetched, float32 normalised images built on the host), copied here as the baseline; it
+  runs today's per-example code (:func:`jaxrank.data.prepare_example`), so only the
+  pipelines differ.
 
 A figure is the best of ``--repeats`` passes of ``--batches`` batches after ``--warmup``
 batches (loader processes need a few batches to reach their pace: imports, decoder set-up,
-first touches of shared memory; the time to the first batch is printed apart). The Grain
-batches hold ``uint8`` images: the normalisation runs on the device, inside the jitted step.
+first touches of shared memory; the time to the first batch is printed apart); the clock
+stops at the last timed batch, before the pipeline is closed. "Cores busy" is the CPU time
+of the loader processes over the timed batches of that pass divided by its wall time (read
+from ``/proc``, 1 worker / 2 workers). The Grain batches hold ``uint8`` images: the
+normalisation runs on the device, inside the jitted step.
 
-  python benchmarks/input_pipeline.py            # ~3 min on 2 cores
+  python benchmarks/input_pipeline.py            # ~2 min on 2 cores
   python benchmarks/input_pipeline.py --quick
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import multiprocessing
 import os
 import queue
 import tempfile
@@ -106,10 +112,26 @@ def thread_pool_batches(dataset, *, batch_size, image_size, max_boxes, augment, 
     producer.join()
 
 
+def loader_cpu_seconds() -> float | None:
+  """CPU seconds used so far by this process's live child processes (the loader processes),
+  from ``/proc``; None where that is not readable."""
+  total = 0.0
+  ticks = os.sysconf("SC_CLK_TCK")
+  try:
+    for child in multiprocessing.active_children():
+      with open(f"/proc/{child.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+  except (OSError, ValueError, IndexError):
+    return None
+  return total
+
+
 def images_per_second(make_batches, batches: int, repeats: int,
-                      warmup: int) -> tuple[float, float]:
-  """(best images/s over ``repeats`` passes, seconds to the first batch of the first pass)."""
-  best, startup = 0.0, None
+                      warmup: int) -> tuple[float, float, float | None]:
+  """(best images/s over ``repeats`` passes, seconds to the first batch of the first pass,
+  cores the loader processes kept busy during that best pass)."""
+  best, startup, cores = 0.0, None, None
   for _ in range(repeats):
     t0 = time.perf_counter()
     it = make_batches()
@@ -119,16 +141,20 @@ def images_per_second(make_batches, batches: int, repeats: int,
         if i == 0 and startup is None:
           startup = time.perf_counter() - t0
         if i == warmup - 1:
-          t1 = time.perf_counter()
+          t1, cpu1 = time.perf_counter(), loader_cpu_seconds()
         elif i >= warmup:
           images += len(batch["image_id"])
         if i == warmup + batches - 1:
-          break
+          t2, cpu2 = time.perf_counter(), loader_cpu_seconds()  # before close(), which
+          break                                                   # takes its own time
     finally:
       if hasattr(it, "close"):
         it.close()
-    best = max(best, images / (time.perf_counter() - t1))
-  return best, startup
+    rate = images / (t2 - t1)
+    if rate > best:
+      best = rate
+      cores = None if cpu1 is None or cpu2 is None else (cpu2 - cpu1) / (t2 - t1)
+  return best, startup, cores
 
 
 def main(argv=None):
@@ -151,24 +177,26 @@ def main(argv=None):
     dataset = data.load_coco_folder(images_dir, annotations)
     print("| setting | thread pool (replaced) | " +
           " | ".join(f"Grain, {w} worker{'s' if w != 1 else ''}" for w in workers) +
-          " | 2 workers / 1 worker | startup (s) |")
-    print("|---" * (len(workers) + 4) + "|")
+          " | 2 workers / 1 worker | cores busy in loader processes | startup (s) |")
+    print("|---" * (len(workers) + 5) + "|")
     for image_size, augment in ((512, "ssd"), (1024, "flip")):
       kw = dict(batch_size=args.batch_size, image_size=image_size, max_boxes=32,
                 augment=augment, seed=0)
-      baseline, _ = images_per_second(lambda kw=kw: thread_pool_batches(dataset, **kw),
-                                      args.batches, args.repeats, args.warmup)
-      rates, startups = {}, []
+      baseline, _, _ = images_per_second(lambda kw=kw: thread_pool_batches(dataset, **kw),
+                                         args.batches, args.repeats, args.warmup)
+      rates, startups, busy = {}, [], []
       for w in workers:
-        rates[w], startup = images_per_second(
+        rates[w], startup, cores = images_per_second(
           lambda w=w, kw=kw: data.iterate_batches(dataset, drop_remainder=True, num_workers=w,
                                            prefetch=2, **kw),
           args.batches, args.repeats, args.warmup)
         startups.append(f"{startup:.1f}")
+        if w:
+          busy.append("n/a" if cores is None else f"{cores:.2f}")
       scaling = f"{rates[2] / rates[1]:.2f}x" if 1 in rates and 2 in rates else "n/a"
       print(f"| {image_size} px, {augment} | {baseline:.1f} | " +
             " | ".join(f"{rates[w]:.1f}" for w in workers) +
-            f" | {scaling} | {'/'.join(startups)} |", flush=True)
+            f" | {scaling} | {' / '.join(busy)} | {'/'.join(startups)} |", flush=True)
 
 
 if __name__ == "__main__":

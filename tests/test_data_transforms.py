@@ -1,4 +1,4 @@
-"""Tests of the inference-time image preparation."""
+"""Tests of the host-side image transforms and the inference-time image preparation."""
 
 import numpy as np
 import pytest
@@ -9,6 +9,7 @@ from jaxrank.data import (
   normalize_images,
   prepare_example,
   prepare_image_for_inference,
+  transforms,
 )
 
 
@@ -50,3 +51,54 @@ def test_rejects_bad_images(bad):
     prepare_image_for_inference(bad, 32)
   with pytest.raises(ValueError, match="image_size"):
     prepare_image_for_inference(np.zeros((8, 8, 3), np.uint8), 0)
+
+
+def _random_example(rs, max_side=160):
+  h, w = (int(v) for v in rs.integers(8, max_side, 2))
+  n = int(rs.integers(0, 5))
+  xy = rs.uniform(0, 1, (n, 2)) * [w, h]
+  boxes = np.concatenate([xy, xy + rs.uniform(2, max_side / 2, (n, 2))], 1).astype(np.float32)
+  return rs.integers(0, 256, (h, w, 3), dtype=np.uint8), boxes, rs.integers(0, 3, n)
+
+
+@pytest.mark.parametrize("mode,image_size", [("ssd", 96), ("ssd", 300), ("flip", 64),
+                                             ("flip", 211), ("none", 50)])
+def test_augment_to_fit_is_augment_then_resize(mode, image_size):
+  rs = np.random.default_rng(image_size)
+  shapes = set()
+  for seed in range(40):
+    image, boxes, labels = _random_example(rs)
+    if seed == 0:  # the long side already fits: no resize
+      image = rs.integers(0, 256, (image_size // 2, image_size, 3), dtype=np.uint8)
+    before = image.copy()
+    aug_image, aug_boxes, aug_labels = transforms.augment(
+      image, boxes, labels, np.random.default_rng(seed), mode)
+    want_image, want_boxes, want_scale = transforms.resize_to_fit(aug_image, aug_boxes,
+                                                                  image_size)
+    got_image, got_boxes, got_labels, got_scale = transforms.augment_to_fit(
+      image, boxes, labels, np.random.default_rng(seed), mode, image_size)
+    np.testing.assert_array_equal(got_image, want_image)
+    np.testing.assert_array_equal(got_boxes, want_boxes)
+    np.testing.assert_array_equal(got_labels, aug_labels)
+    assert got_scale == want_scale and got_boxes.dtype == np.float32
+    np.testing.assert_array_equal(image, before)
+    shapes.add(aug_image.shape[:2] == image.shape[:2])
+  if mode == "ssd":
+    assert shapes == {True, False}  # some draws expanded or cropped
+
+
+def test_random_expand_canvas():
+  rs = np.random.default_rng(1)
+  marker = np.array([[0.0, 0.0, 1.0, 1.0]], np.float32)  # its shift is the image's place
+  expanded = 0
+  for seed in range(20):
+    image = rs.integers(0, 256, tuple(rs.integers(8, 60, 2)) + (3,), dtype=np.uint8)
+    canvas, moved = transforms.random_expand(image, marker, np.random.default_rng(seed))
+    if canvas is image:
+      continue
+    expanded += 1
+    left, top = (int(v) for v in moved[0, :2])
+    want = np.full_like(canvas, 0) + np.round(transforms.IMAGENET_MEAN).astype(np.uint8)
+    want[top:top + image.shape[0], left:left + image.shape[1]] = image
+    np.testing.assert_array_equal(canvas, want)
+  assert expanded >= 5

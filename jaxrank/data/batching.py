@@ -69,11 +69,10 @@ def prepare_example(
   image = example["image"]
   boxes = np.asarray(example["boxes"], np.float32).reshape(-1, 4)
   labels = np.asarray(example["labels"], np.int32).reshape(-1)
-  if mode != "none":
-    if rng is None:
-      raise ValueError("augmentation needs an rng")
-    image, boxes, labels = transforms.augment(image, boxes, labels, rng, mode)
-  image, boxes, scale = transforms.resize_to_fit(image, boxes, image_size)
+  if mode != "none" and rng is None:
+    raise ValueError("augmentation needs an rng")
+  image, boxes, labels, scale = transforms.augment_to_fit(image, boxes, labels, rng, mode,
+                                                          image_size)
   boxes, labels = transforms.clip_and_filter(boxes, labels, *image.shape[:2])
   truncated = len(boxes) > max_boxes
   if truncated:

@@ -33,6 +33,28 @@ def clip_and_filter(
   return boxes[keep], np.asarray(labels)[keep]
 
 
+def fit_size(height: int, width: int, image_size: int) -> tuple[int, int, float]:
+  """``(new_height, new_width, scale)``: the size that fits ``image_size x image_size``
+  keeping the aspect ratio (long side ``image_size``), and ``new / old``."""
+  scale = image_size / max(height, width)
+  new_h = min(image_size, max(1, round(height * scale)))
+  new_w = min(image_size, max(1, round(width * scale)))
+  return new_h, new_w, scale
+
+
+def resized_pixels(image: np.ndarray, height: int, width: int, *, flip: bool = False) -> np.ndarray:
+  """``image`` (any strides), mirrored left-right if ``flip``, resized bilinearly to
+  ``height x width``: PIL does the mirroring and the resizing (no strided numpy copies)."""
+  from PIL import Image
+
+  if (height, width) == image.shape[:2]:
+    return image[:, ::-1] if flip else image
+  pil = Image.fromarray(np.ascontiguousarray(image))
+  if flip:
+    pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  return np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR), np.uint8)
+
+
 def resize_to_fit(
   image: np.ndarray, boxes: np.ndarray, image_size: int
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -40,16 +62,8 @@ def resize_to_fit(
 
   Returns ``(image, boxes, scale)`` with ``resized = original * scale``.
   """
-  from PIL import Image
-
-  h, w = image.shape[:2]
-  scale = image_size / max(h, w)
-  new_h = min(image_size, max(1, round(h * scale)))
-  new_w = min(image_size, max(1, round(w * scale)))
-  if (new_h, new_w) != (h, w):
-    image = np.asarray(
-      Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR), np.uint8
-    )
+  new_h, new_w, scale = fit_size(*image.shape[:2], image_size)
+  image = resized_pixels(image, new_h, new_w)
   return image, np.asarray(boxes, np.float32) * np.float32(scale), float(scale)
 
 
@@ -123,12 +137,16 @@ def prepare_image_for_inference(image: np.ndarray, image_size: int) -> tuple[np.
   return pad_and_normalize(resized, int(image_size)), scale
 
 
+def hflip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+  """Boxes of an image ``width`` pixels wide, mirrored left-right."""
+  boxes = np.asarray(boxes, np.float32)
+  flipped = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=-1)
+  return flipped.reshape(-1, 4)
+
+
 def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Mirrors the image and its boxes left-right."""
-  w = image.shape[1]
-  boxes = np.asarray(boxes, np.float32)
-  flipped = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=-1)
-  return image[:, ::-1], flipped.reshape(-1, 4)
+  return image[:, ::-1], hflip_boxes(boxes, image.shape[1])
 
 
 def random_flip(
@@ -153,7 +171,44 @@ def photometric_distort(image: np.ndarray, rng: np.random.Generator) -> np.ndarr
     img = gray[..., None] + (img - gray[..., None]) * rng.uniform(0.5, 1.5)
   if rng.random() < 0.5:
     img = img[..., rng.permutation(3)]
-  return np.clip(np.round(img), 0, 255).astype(np.uint8)
+  np.round(img, out=img)
+  return np.clip(img, 0, 255, out=img).astype(np.uint8)
+
+
+def expand_placement(
+  height: int, width: int, rng: np.random.Generator, *, max_ratio: float = 4.0,
+  prob: float = 0.5,
+) -> tuple[int, int, int, int] | None:
+  """The random draws of :func:`random_expand` for a ``height x width`` image:
+  ``(canvas_height, canvas_width, top, left)``, or None (no expansion)."""
+  if rng.random() >= prob:
+    return None
+  ratio = rng.uniform(1.0, max_ratio)
+  eh, ew = int(height * ratio), int(width * ratio)
+  top, left = int(rng.integers(0, eh - height + 1)), int(rng.integers(0, ew - width + 1))
+  return eh, ew, top, left
+
+
+def canvas_region(
+  image: np.ndarray, top: int, left: int, region: tuple[int, int, int, int]
+) -> np.ndarray:
+  """Pixels ``region = (x1, y1, x2, y2)`` of a canvas filled with the mean colour with
+  ``image`` at ``(top, left)``, built without the rest of the canvas (a view of ``image``
+  when the region lies inside it)."""
+  x1, y1, x2, y2 = region
+  h, w = image.shape[:2]
+  if top <= y1 and left <= x1 and y2 <= top + h and x2 <= left + w:
+    return image[y1 - top : y2 - top, x1 - left : x2 - left]
+  out = np.empty((y2 - y1, x2 - x1, 3), np.uint8)
+  if out.size:
+    out[0] = np.round(IMAGENET_MEAN).astype(np.uint8)
+    out[1:] = out[0]  # row by row: much faster than broadcasting the 3 channels
+  iy1, iy2 = max(y1, top), min(y2, top + h)
+  ix1, ix2 = max(x1, left), min(x2, left + w)
+  if iy1 < iy2 and ix1 < ix2:
+    out[iy1 - y1 : iy2 - y1, ix1 - x1 : ix2 - x1] = image[iy1 - top : iy2 - top,
+                                                          ix1 - left : ix2 - left]
+  return out
 
 
 def random_expand(
@@ -166,15 +221,11 @@ def random_expand(
 ) -> tuple[np.ndarray, np.ndarray]:
   """With probability ``prob``, places the image at a random spot of a canvas up to
   ``max_ratio`` times larger, filled with the mean colour (SSD's zoom out)."""
-  if rng.random() >= prob:
+  placement = expand_placement(*image.shape[:2], rng, max_ratio=max_ratio, prob=prob)
+  if placement is None:
     return image, boxes
-  h, w = image.shape[:2]
-  ratio = rng.uniform(1.0, max_ratio)
-  eh, ew = int(h * ratio), int(w * ratio)
-  top, left = int(rng.integers(0, eh - h + 1)), int(rng.integers(0, ew - w + 1))
-  canvas = np.empty((eh, ew, 3), np.uint8)
-  canvas[:] = np.round(IMAGENET_MEAN).astype(np.uint8)
-  canvas[top : top + h, left : left + w] = image
+  eh, ew, top, left = placement
+  canvas = canvas_region(image, top, left, (0, 0, ew, eh))
   offset = np.array([left, top, left, top], np.float32)
   return canvas, np.asarray(boxes, np.float32) + offset
 
@@ -188,8 +239,9 @@ def _iou_with(patch: np.ndarray, boxes: np.ndarray) -> np.ndarray:
   return inter / np.maximum(union, 1e-6)
 
 
-def min_iou_random_crop(
-  image: np.ndarray,
+def crop_placement(
+  height: int,
+  width: int,
   boxes: np.ndarray,
   labels: np.ndarray,
   rng: np.random.Generator,
@@ -197,14 +249,15 @@ def min_iou_random_crop(
   min_ious: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
   min_crop_size: float = 0.3,
   max_tries: int = 50,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """SSD's random crop: a patch whose IoU with every box is at least a random choice of
-  ``min_ious`` (or no crop), keeping the boxes whose centres fall inside it."""
+) -> tuple[tuple[int, int, int, int] | None, np.ndarray, np.ndarray]:
+  """The random draws of :func:`min_iou_random_crop` for a ``height x width`` image:
+  ``(patch, boxes, labels)``, the patch ``(x1, y1, x2, y2)`` (None: no crop) and the boxes
+  kept, in the patch's pixels."""
   mode = rng.integers(len(min_ious) + 1)
   if mode == len(min_ious):
-    return image, boxes, labels
+    return None, boxes, labels
   min_iou = min_ious[mode]
-  h, w = image.shape[:2]
+  h, w = height, width
   boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
   for _ in range(max_tries):
     cw = rng.uniform(min_crop_size * w, w)
@@ -224,8 +277,29 @@ def min_iou_random_crop(
     x1, y1, x2, y2 = (int(v) for v in patch)
     shifted = boxes[inside] - np.array([x1, y1, x1, y1], np.float32)
     kept_boxes, kept_labels = clip_and_filter(shifted, labels[inside], y2 - y1, x2 - x1)
-    return image[y1:y2, x1:x2], kept_boxes, kept_labels
-  return image, boxes, labels
+    return (x1, y1, x2, y2), kept_boxes, kept_labels
+  return None, boxes, labels
+
+
+def min_iou_random_crop(
+  image: np.ndarray,
+  boxes: np.ndarray,
+  labels: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  min_ious: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+  min_crop_size: float = 0.3,
+  max_tries: int = 50,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """SSD's random crop: a patch whose IoU with every box is at least a random choice of
+  ``min_ious`` (or no crop), keeping the boxes whose centres fall inside it."""
+  patch, boxes, labels = crop_placement(
+    *image.shape[:2], boxes, labels, rng, min_ious=min_ious, min_crop_size=min_crop_size,
+    max_tries=max_tries)
+  if patch is None:
+    return image, boxes, labels
+  x1, y1, x2, y2 = patch
+  return image[y1:y2, x1:x2], boxes, labels
 
 
 AUGMENTATIONS = ("none", "flip", "ssd")
@@ -250,3 +324,40 @@ def augment(
     image, boxes, labels = min_iou_random_crop(image, boxes, labels, rng)
   image, boxes = random_flip(image, boxes, rng)
   return image, boxes, labels
+
+
+def augment_to_fit(
+  image: np.ndarray,
+  boxes: np.ndarray,
+  labels: np.ndarray,
+  rng: np.random.Generator,
+  mode: str,
+  image_size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+  """:func:`augment` then :func:`resize_to_fit`, with the same random draws and the same
+  pixels, boxes and labels, but cheaper: SSD's expanded canvas is never built (only the
+  crop of it), and the flip is done by PIL on the way to the resize.
+
+  Returns ``(image, boxes, labels, scale)``; ``image`` may be a view of the input.
+  """
+  if mode not in AUGMENTATIONS:
+    raise ValueError(f"unknown augmentation {mode!r}; expected one of {AUGMENTATIONS}")
+  flip = False
+  if mode == "ssd":
+    image = photometric_distort(image, rng)
+    height, width = image.shape[:2]
+    top = left = 0
+    placement = expand_placement(height, width, rng)
+    if placement is not None:
+      height, width, top, left = placement
+      boxes = np.asarray(boxes, np.float32) + np.array([left, top, left, top], np.float32)
+    patch, boxes, labels = crop_placement(height, width, boxes, labels, rng)
+    image = canvas_region(image, top, left, patch or (0, 0, width, height))
+  if mode != "none":
+    flip = rng.random() < 0.5
+    if flip:
+      boxes = hflip_boxes(boxes, image.shape[1])
+  new_h, new_w, scale = fit_size(*image.shape[:2], image_size)
+  image = resized_pixels(image, new_h, new_w, flip=flip)
+  return image, np.asarray(boxes, np.float32) * np.float32(scale), labels, float(scale)
+
