@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxrank.data import CorruptImageError, load_coco_folder, load_tfds_coco
+from jaxrank.data import (
+  CorruptImageError,
+  SourceImage,
+  iterate_batches,
+  load_coco_folder,
+  load_tfds_coco,
+)
 
 
 def _annotations():
@@ -220,10 +226,13 @@ def test_tfds_import_error_names_extra():
     pytest.skip("tensorflow_datasets is installed")
 
 
-def test_tfds_coco_with_mock_data():
+@pytest.mark.parametrize("random_access", [False, True])
+def test_tfds_coco_with_mock_data(random_access):
   """The TFDS path on ``tfds.testing.mock_data`` with known examples (needs the [coco] extra
   and TensorFlow; skipped without them): boxes from normalised yxyx to pixels, labels,
-  official category ids, crowd boxes kept for evaluation only, empty boxes dropped."""
+  official category ids, crowd boxes kept for evaluation only, empty boxes dropped; from
+  TFRecord files (images kept in memory) or from a random-access data source (images read
+  from it on load, also in loader processes)."""
   tfds = pytest.importorskip("tensorflow_datasets")
   tf = pytest.importorskip("tensorflow")
   import io
@@ -253,8 +262,18 @@ def test_tfds_coco_with_mock_data():
   def as_dataset(self, *args, **kwargs):
     return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=signature)
 
-  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+  def no_data_source(self, *args, **kwargs):
+    raise NotImplementedError("Random access data source for file format tfrecord is not "
+                              "supported.")
+
+  def data_source(self, *args, **kwargs):
+    return examples
+
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset, as_data_source_fn=(
+      data_source if random_access else no_data_source)):
     dataset = load_tfds_coco("validation")
+  sources = [type(r.source) for r in dataset.records]
+  assert sources == [SourceImage if random_access else bytes] * 2
   assert len(dataset) == 2 and dataset.num_classes == 80
   assert len(dataset.coco["categories"]) == 80
   first = dataset.load(0)
@@ -267,3 +286,11 @@ def test_tfds_coco_with_mock_data():
   assert [a["iscrowd"] for a in sorted(anns, key=lambda a: a["category_id"])] == [0, 1]
   second = dataset.load(1)
   assert second["image"].shape == (50, 20, 3) and second["boxes"].shape == (0, 4)
+  if random_access:  # the dataset pickles with its source; loader processes read from it
+    kw = dict(batch_size=2, image_size=32, max_boxes=4, augment="flip", seed=3)
+    with iterate_batches(dataset, num_workers=1, **kw) as it:
+      in_process, = list(iterate_batches(dataset, **kw))
+      from_process, = list(it)
+    for key in in_process:
+      np.testing.assert_array_equal(from_process[key], in_process[key])
+

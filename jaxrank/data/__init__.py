@@ -11,7 +11,13 @@ from jaxrank.data.batching import (
   prepare_example,
 )
 from jaxrank.data.coco import clip_coco_box, load_coco_folder, load_tfds_coco
-from jaxrank.data.dataset import CorruptImageError, DetectionDataset, Record, read_image
+from jaxrank.data.dataset import (
+  CorruptImageError,
+  DetectionDataset,
+  Record,
+  SourceImage,
+  read_image,
+)
 from jaxrank.data.synthetic import SHAPE_NAMES, make_synthetic_dataset, synthetic_splits
 from jaxrank.data.transforms import (
   IMAGENET_MEAN,
@@ -28,6 +34,7 @@ __all__ = [
   "IMAGENET_STD",
   "Record",
   "SHAPE_NAMES",
+  "SourceImage",
   "clip_coco_box",
   "collate",
   "epoch_batch_indices",

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jaxrank.data.dataset import DetectionDataset, Record
+from jaxrank.data.dataset import DetectionDataset, Record, SourceImage
 
 log = logging.getLogger(__name__)
 
@@ -288,13 +288,17 @@ def load_coco_folder(
 
 
 def load_tfds_coco(
-  split: str, *, data_dir: str | None = None, skip_crowd: bool = True
+  split: str, *, data_dir: str | None = None, skip_crowd: bool = True, name: str = "coco/2017"
 ) -> DetectionDataset:
-  """COCO 2017 from TensorFlow Datasets (``coco/2017``).
+  """COCO 2017 from TensorFlow Datasets (``coco/2017``, or ``name`` with its features).
 
-  Needs the ``[coco]`` extra (``pip install 'jaxrank[coco]'``). Images are kept as
-  encoded JPEG bytes and decoded on load. TFDS labels 0..79 follow the official category
-  id order, so they map back to the official ids.
+  Needs the ``[coco]`` extra (``pip install 'jaxrank[coco]'``). TFDS labels 0..79 follow the
+  official category id order, so they map back to the official ids. The examples are read
+  once for their boxes. If the dataset was prepared in a random-access format
+  (``tfds build coco/2017 --file_format=array_record``), the images stay in TFDS's data
+  source and are read when loaded (each loader process opens the files itself); otherwise
+  (TFRecord, the default) the encoded images are kept in memory (about 19 GB for train2017,
+  copied to every loader process), with a logged warning.
   """
   try:
     import tensorflow_datasets as tfds
@@ -304,19 +308,25 @@ def load_tfds_coco(
       "pip install 'jaxrank[coco]'"
     ) from e
 
-  ds, info = tfds.load(
-    "coco/2017",
-    split=split,
-    data_dir=data_dir,
-    with_info=True,
-    decoders={"image": tfds.decode.SkipDecoding()},
-  )
+  decoders = {"image": tfds.decode.SkipDecoding()}
+  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    source = builder.as_data_source(split=split, decoders=decoders)
+  except (NotImplementedError, ValueError) as e:  # not prepared in a random-access format
+    log.warning("TFDS %s has no random-access files (%s); keeping its encoded images in "
+                "memory. Prepare it with --file_format=array_record to read them on load.",
+                name, str(e).splitlines()[0])
+    examples = ((None, ex) for ex in tfds.as_numpy(tfds.load(
+      name, split=split, data_dir=data_dir, decoders=decoders)))
+  else:
+    examples = ((SourceImage(source, i), source[i]) for i in range(len(source)))
+  info = builder.info
   names = list(info.features["objects"]["label"].names)
   official_ids = [i for i in range(1, 91) if i not in _COCO_MISSING_IDS]
   if len(names) != len(official_ids):
     raise ValueError(f"expected 80 COCO classes from TFDS, got {len(names)}")
   records, images, annotations = [], [], []
-  for ex in tfds.as_numpy(ds):
+  for reference, ex in examples:
     encoded = bytes(ex["image"])
     h, w = (int(v) for v in _jpeg_size(encoded))
     image_id = int(ex["image/id"])
@@ -340,7 +350,8 @@ def load_tfds_coco(
           }
         )
     train_keep = keep & ~crowd if skip_crowd else keep
-    records.append(Record(image_id, w, h, boxes[train_keep], labels[train_keep], encoded))
+    records.append(Record(image_id, w, h, boxes[train_keep], labels[train_keep],
+                          encoded if reference is None else reference))
     images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": w, "height": h})
   coco = {
     "images": images,

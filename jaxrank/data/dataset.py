@@ -1,7 +1,8 @@
 """In-memory index of a detection dataset with lazily loaded images.
 
 A :class:`DetectionDataset` holds one :class:`Record` per image (its id, size, ground-truth
-boxes and labels, and either the decoded pixels or the path of the image file), the
+boxes and labels, and the decoded pixels, the path of the image file, its bytes or a
+:class:`SourceImage` reference into a random-access source), the
 COCO-format ground truth used by evaluation, and the map from contiguous labels
 ``0..C-1`` back to COCO category ids.
 """
@@ -23,11 +24,28 @@ class CorruptImageError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceImage:
+  """The encoded image ``source[index][key]`` of a random-access source (a TFDS data
+  source, say), read when the example is loaded: a dataset pickled to loader processes
+  carries the source (which reopens its files there) instead of the image bytes."""
+
+  source: Sequence[Mapping[str, Any]]
+  index: int
+  key: str = "image"
+
+  def read(self) -> bytes:
+    return bytes(self.source[self.index][self.key])
+
+  def __str__(self) -> str:
+    return f"example {self.index} of {type(self.source).__name__}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Record:
   """One image: ``boxes`` ``[n, 4]`` xyxy pixels, ``labels`` ``[n]`` in ``0..C-1``.
 
-  ``source`` is a decoded ``uint8 [H, W, 3]`` array, the path of the image file, or the
-  encoded file's bytes.
+  ``source`` is a decoded ``uint8 [H, W, 3]`` array, the path of the image file, the
+  encoded file's bytes, or a :class:`SourceImage`.
   """
 
   image_id: int
@@ -35,18 +53,29 @@ class Record:
   height: int
   boxes: np.ndarray
   labels: np.ndarray
-  source: np.ndarray | str | os.PathLike | bytes
+  source: np.ndarray | str | os.PathLike | bytes | SourceImage
 
 
-def read_image(source: str | os.PathLike | bytes) -> np.ndarray:
-  """Decodes an image file (a path or its bytes) to ``uint8 [H, W, 3]`` RGB.
+def _source_name(source: str | os.PathLike | bytes | SourceImage) -> str:
+  if isinstance(source, (bytes, bytearray)):
+    return f"<{len(source)} encoded bytes>"
+  if isinstance(source, SourceImage):
+    return str(source)
+  return os.fspath(source)
+
+
+def read_image(source: str | os.PathLike | bytes | SourceImage) -> np.ndarray:
+  """Decodes an image file (a path, its bytes or a :class:`SourceImage`) to
+  ``uint8 [H, W, 3]`` RGB.
 
   Raises :class:`CorruptImageError` naming the file if it cannot be decoded.
   """
   from PIL import Image, UnidentifiedImageError
 
+  name = _source_name(source)
+  if isinstance(source, SourceImage):
+    source = source.read()
   is_bytes = isinstance(source, (bytes, bytearray))
-  name = f"<{len(source)} encoded bytes>" if is_bytes else os.fspath(source)
   try:
     with Image.open(io.BytesIO(source) if is_bytes else source) as img:
       return np.asarray(img.convert("RGB"), dtype=np.uint8)
@@ -58,12 +87,7 @@ def read_image(source: str | os.PathLike | bytes) -> np.ndarray:
 
 def _size_mismatch_message(record: Record, height: int, width: int) -> str:
   source = record.source
-  if isinstance(source, np.ndarray):
-    name = "decoded array"
-  elif isinstance(source, (bytes, bytearray)):
-    name = f"<{len(source)} encoded bytes>"
-  else:
-    name = os.fspath(source)
+  name = "decoded array" if isinstance(source, np.ndarray) else _source_name(source)
   message = (
     f"image {record.image_id} ({name}): the annotations give its size as "
     f"{record.width}x{record.height} (width x height) but the image is {width}x{height}; "
