@@ -294,3 +294,60 @@ def test_tfds_coco_with_mock_data(random_access):
     for key in in_process:
       np.testing.assert_array_equal(from_process[key], in_process[key])
 
+
+
+def _tiny_coco_builder(tfds):
+  """A TFDS builder with coco/2017's features and 3 examples (not registered by name: read
+  back from its files)."""
+  with tfds.core.registered.skip_registration():
+    class JaxrankTinyCoco(tfds.core.GeneratorBasedBuilder):
+      VERSION = tfds.core.Version("1.0.0")
+
+      def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(encoding_format="jpeg"),
+          "image/id": np.int64,
+          "objects": tfds.features.Sequence({
+            "bbox": tfds.features.BBoxFeature(),
+            "label": tfds.features.ClassLabel(names=[f"class{i}" for i in range(80)]),
+            "is_crowd": np.bool_,
+            "area": np.int64,
+          }),
+        }))
+
+      def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+      def _generate_examples(self):
+        for i in range(3):
+          yield i, {"image": np.full((30 + i, 40, 3), 40 * i, np.uint8), "image/id": 10 + i,
+                    "objects": {"bbox": np.array([[0.1, 0.2, 0.6, 0.9]], np.float32),
+                                "label": [i], "is_crowd": [False], "area": [100]}}
+  return JaxrankTinyCoco
+
+
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_tfds_files_random_access_or_in_memory(file_format, tmp_path, caplog):
+  """Real TFDS files (needs the [coco] extra): ArrayRecord is read through TFDS's data source
+  (also from a loader process, which gets the pickled source), TFRecord falls back to the
+  encoded images in memory with a warning; both give the same examples."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("tensorflow")
+  _tiny_coco_builder(tfds)(data_dir=str(tmp_path), file_format=file_format).download_and_prepare()
+  with caplog.at_level(logging.WARNING, logger="jaxrank.data.coco"):
+    dataset = load_tfds_coco("train", data_dir=str(tmp_path), name="jaxrank_tiny_coco")
+  random_access = file_format == "array_record"
+  assert ("array_record" in caplog.text) != random_access
+  assert [type(r.source) for r in dataset.records] == [
+    SourceImage if random_access else bytes] * 3
+  by_id = {dataset.load(i)["image_id"]: dataset.load(i) for i in range(3)}
+  assert sorted(by_id) == [10, 11, 12]
+  assert by_id[11]["image"].shape == (31, 40, 3)
+  np.testing.assert_allclose(by_id[11]["boxes"], [[8.0, 3.1, 36.0, 18.6]], atol=1e-4)
+  np.testing.assert_array_equal(by_id[12]["labels"], [2])
+  kw = dict(batch_size=3, image_size=32, max_boxes=2, augment="flip", seed=0)
+  in_process, = list(iterate_batches(dataset, **kw))
+  with iterate_batches(dataset, num_workers=1, **kw) as it:
+    from_process, = list(it)
+  for key in in_process:
+    np.testing.assert_array_equal(from_process[key], in_process[key])
