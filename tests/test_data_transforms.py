@@ -61,9 +61,23 @@ def _random_example(rs, max_side=160):
   return rs.integers(0, 256, (h, w, 3), dtype=np.uint8), boxes, rs.integers(0, 3, n)
 
 
+def _augment_step_by_step(image, boxes, labels, rng, mode):
+  """The augmentation recipe from the public steps, each building its whole output (SSD's
+  full expanded canvas, then its crop)."""
+  if mode == "none":
+    return image, boxes, labels
+  if mode == "ssd":
+    image = transforms.photometric_distort(image, rng)
+    image, boxes = transforms.random_expand(image, boxes, rng)
+    image, boxes, labels = transforms.min_iou_random_crop(image, boxes, labels, rng)
+  image, boxes = transforms.random_flip(image, boxes, rng)
+  return image, boxes, labels
+
+
 @pytest.mark.parametrize("mode,image_size", [("ssd", 96), ("ssd", 300), ("flip", 64),
                                              ("flip", 211), ("none", 50)])
 def test_augment_to_fit_is_augment_then_resize(mode, image_size):
+  """augment == its steps one by one; augment_to_fit == augment then resize_to_fit."""
   rs = np.random.default_rng(image_size)
   shapes = set()
   for seed in range(40):
@@ -73,6 +87,11 @@ def test_augment_to_fit_is_augment_then_resize(mode, image_size):
     before = image.copy()
     aug_image, aug_boxes, aug_labels = transforms.augment(
       image, boxes, labels, np.random.default_rng(seed), mode)
+    step_image, step_boxes, step_labels = _augment_step_by_step(
+      image, boxes, labels, np.random.default_rng(seed), mode)
+    np.testing.assert_array_equal(aug_image, step_image)
+    np.testing.assert_array_equal(aug_boxes, step_boxes)
+    np.testing.assert_array_equal(aug_labels, step_labels)
     want_image, want_boxes, want_scale = transforms.resize_to_fit(aug_image, aug_boxes,
                                                                   image_size)
     got_image, got_boxes, got_labels, got_scale = transforms.augment_to_fit(

@@ -114,6 +114,13 @@ def collate(examples: Sequence[dict[str, np.ndarray]]) -> Batch:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+def _check_layout(batch_size: int, shard_index: int, shard_count: int) -> None:
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, shard_count={shard_count})")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
 def epoch_batch_indices(
   num_examples: int,
   *,
@@ -127,10 +134,7 @@ def epoch_batch_indices(
 ) -> np.ndarray:
   """``int64 [num_batches, batch_size]`` example indices of this shard for one epoch,
   ``-1`` where a padding example goes."""
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} not in [0, shard_count={shard_count})")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  _check_layout(batch_size, shard_index, shard_count)
   order = np.arange(num_examples)
   if shuffle:
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, epoch)))
@@ -365,10 +369,7 @@ def iterate_batches(
     raise ValueError(
       f"unknown augmentation {augment!r}; expected one of {transforms.AUGMENTATIONS}"
     )
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} not in [0, shard_count={shard_count})")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  _check_layout(batch_size, shard_index, shard_count)  # here too: the positions are lazy
   per_epoch = num_batches(len(dataset), batch_size=batch_size, drop_remainder=drop_remainder,
                           shard_count=shard_count)
   first = epoch * per_epoch + start_batch

@@ -305,6 +305,36 @@ def min_iou_random_crop(
 AUGMENTATIONS = ("none", "flip", "ssd")
 
 
+def _augment_geometry(
+  image: np.ndarray,
+  boxes: np.ndarray,
+  labels: np.ndarray,
+  rng: np.random.Generator,
+  mode: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+  """The random draws of augmentation ``mode`` applied to all but the pixels' flip:
+  ``(image, boxes, labels, flip)`` with the boxes already mirrored when ``flip``. SSD's
+  expanded canvas is never built, only the crop of it (:func:`canvas_region`)."""
+  if mode not in AUGMENTATIONS:
+    raise ValueError(f"unknown augmentation {mode!r}; expected one of {AUGMENTATIONS}")
+  if mode == "none":
+    return image, boxes, labels, False
+  if mode == "ssd":
+    image = photometric_distort(image, rng)
+    height, width = image.shape[:2]
+    top = left = 0
+    placement = expand_placement(height, width, rng)
+    if placement is not None:
+      height, width, top, left = placement
+      boxes = np.asarray(boxes, np.float32) + np.array([left, top, left, top], np.float32)
+    patch, boxes, labels = crop_placement(height, width, boxes, labels, rng)
+    image = canvas_region(image, top, left, patch or (0, 0, width, height))
+  flip = bool(rng.random() < 0.5)
+  if flip:
+    boxes = hflip_boxes(boxes, image.shape[1])
+  return image, boxes, labels, flip
+
+
 def augment(
   image: np.ndarray,
   boxes: np.ndarray,
@@ -313,17 +343,11 @@ def augment(
   mode: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Applies augmentation ``mode``: ``"none"``, ``"flip"`` (random horizontal flip) or
-  ``"ssd"`` (photometric distortion, expand, min-IoU crop, then flip)."""
-  if mode not in AUGMENTATIONS:
-    raise ValueError(f"unknown augmentation {mode!r}; expected one of {AUGMENTATIONS}")
-  if mode == "none":
-    return image, boxes, labels
-  if mode == "ssd":
-    image = photometric_distort(image, rng)
-    image, boxes = random_expand(image, boxes, rng)
-    image, boxes, labels = min_iou_random_crop(image, boxes, labels, rng)
-  image, boxes = random_flip(image, boxes, rng)
-  return image, boxes, labels
+  ``"ssd"`` (photometric distortion, expand, min-IoU crop, then flip): the random draws and
+  results of :func:`photometric_distort`, :func:`random_expand`,
+  :func:`min_iou_random_crop` and :func:`random_flip` in turn."""
+  image, boxes, labels, flip = _augment_geometry(image, boxes, labels, rng, mode)
+  return (image[:, ::-1] if flip else image), boxes, labels
 
 
 def augment_to_fit(
@@ -335,29 +359,11 @@ def augment_to_fit(
   image_size: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
   """:func:`augment` then :func:`resize_to_fit`, with the same random draws and the same
-  pixels, boxes and labels, but cheaper: SSD's expanded canvas is never built (only the
-  crop of it), and the flip is done by PIL on the way to the resize.
+  pixels, boxes and labels, but cheaper: the flip is done by PIL on the way to the resize.
 
   Returns ``(image, boxes, labels, scale)``; ``image`` may be a view of the input.
   """
-  if mode not in AUGMENTATIONS:
-    raise ValueError(f"unknown augmentation {mode!r}; expected one of {AUGMENTATIONS}")
-  flip = False
-  if mode == "ssd":
-    image = photometric_distort(image, rng)
-    height, width = image.shape[:2]
-    top = left = 0
-    placement = expand_placement(height, width, rng)
-    if placement is not None:
-      height, width, top, left = placement
-      boxes = np.asarray(boxes, np.float32) + np.array([left, top, left, top], np.float32)
-    patch, boxes, labels = crop_placement(height, width, boxes, labels, rng)
-    image = canvas_region(image, top, left, patch or (0, 0, width, height))
-  if mode != "none":
-    flip = rng.random() < 0.5
-    if flip:
-      boxes = hflip_boxes(boxes, image.shape[1])
+  image, boxes, labels, flip = _augment_geometry(image, boxes, labels, rng, mode)
   new_h, new_w, scale = fit_size(*image.shape[:2], image_size)
   image = resized_pixels(image, new_h, new_w, flip=flip)
   return image, np.asarray(boxes, np.float32) * np.float32(scale), labels, float(scale)
-
